@@ -1,0 +1,1 @@
+"""neuron-embeddings: read polysemantic MLP neurons by clustering their neuron embeddings e = h ⊙ w."""
