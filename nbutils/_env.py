@@ -1,6 +1,6 @@
 """Paths and environment switches shared by the whole package.
 
-`NBUTILS_CACHE` moves the cache folder (default `./cache`), `NBUTILS_SMALL=1` asks notebooks to run at
+`NBUTILS_CACHE` moves the cache folder (default `cache/` beside `nbutils/`, ignored by git), `NBUTILS_SMALL=1` asks notebooks to run at
 a small size (CI), `NBUTILS_MODEL` / `NBUTILS_SOURCE` select a hub model or web-text corpus when online.
 """
 
@@ -17,8 +17,8 @@ DEFAULT_MODEL_DIR = DATA_DIR / "tiny-gpt2"
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    """The cache folder: `override`, else `$NBUTILS_CACHE`, else `./cache`. Created if missing."""
-    path = Path(override or os.environ.get("NBUTILS_CACHE") or Path.cwd() / "cache")
+    """The cache folder: `override`, else `$NBUTILS_CACHE`, else `cache/` in the project folder. Created if missing."""
+    path = Path(override or os.environ.get("NBUTILS_CACHE") or REPO_DIR / "cache")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
