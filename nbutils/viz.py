@@ -1,0 +1,307 @@
+"""Static views of one neuron: a 2-D map of its example embeddings and tokens coloured by a value.
+
+One thin function per visual, returning a matplotlib `Figure` or an HTML object; the caller displays it.
+The interactive per-neuron explorer lives in `nbutils.explorer` (re-exported here as `neuron_explorer`).
+
+- `layout_2d` / `umap_plot`: UMAP (umap-learn) of a neuron's example embeddings under the cosine metric,
+  seeded. The exact cosine nearest neighbours are computed here with numpy and handed to UMAP
+  (`precomputed_knn`), which is what UMAP itself does for small data, minus a numba compilation that
+  costs ~10 s per process. Below `UMAP_MIN_POINTS` examples UMAP is not meaningful: the map falls back
+  to PCA of the unit-normalised embeddings and says so in its title.
+- `tokens`: tokens coloured by activation or importance through circuitsvis inside a notebook kernel
+  (its offline bundle, inlined), plain HTML spans elsewhere (`tokens_html`). The explorer always uses
+  the plain spans: one circuitsvis view inlines ~1.3 MB of JavaScript, and widgets' HTML runs no script.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from jaxtyping import Float, Int
+
+from nbutils._validation import check_choice, check_int_range, check_matrix, check_same_length, fail
+
+__all__ = [
+    "UMAP_MIN_POINTS",
+    "COLOURS",
+    "Layout2D",
+    "layout_2d",
+    "umap_plot",
+    "figure_png",
+    "tokens_html",
+    "tokens",
+    "neuron_explorer",
+]
+
+UMAP_MIN_POINTS = 10  # fewer examples than this: PCA instead of UMAP (the plot says so)
+# Colour of a token at the top of the scale, per kind of value (RGB).
+COLOURS: dict[str, tuple[int, int, int]] = {"activation": (230, 85, 13), "importance": (33, 113, 181)}
+_N_COLOURED = 10  # clusters with their own colour (tab10); the rest are grey
+
+
+@dataclass(frozen=True)
+class Layout2D:
+    """2-D coordinates of n examples and how they were made.
+
+    Attributes:
+        coords: `[n, 2]` float64.
+        method: `"umap"` or `"pca"` (the fallback for fewer than `UMAP_MIN_POINTS` examples).
+        note: one sentence for the reader when the fallback was used, else `""`.
+    """
+
+    coords: np.ndarray
+    method: str
+    note: str = ""
+
+    @property
+    def axis_names(self) -> tuple[str, str]:
+        return ("UMAP 1", "UMAP 2") if self.method == "umap" else ("PC 1", "PC 2")
+
+
+def _unit_rows(e: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(e, axis=1, keepdims=True)  # [n, 1]
+    return e / np.where(norms > 0, norms, 1.0)  # [n, d]
+
+
+def _cosine_knn(u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours of unit rows under cosine distance, each point first in its own list."""
+    dist = np.clip(1.0 - u @ u.T, 0.0, 2.0)  # [n, n]
+    np.fill_diagonal(dist, -1.0)  # self sorts first even among duplicates
+    idx = np.argsort(dist, axis=1, kind="stable")[:, :k]  # [n, k]
+    knn_dist = np.take_along_axis(dist, idx, axis=1)  # [n, k]
+    knn_dist[:, 0] = 0.0
+    return idx.astype(np.int32), knn_dist.astype(np.float32)
+
+
+def layout_2d(
+    e: Float[np.ndarray, "n_examples d_model"],
+    *,
+    seed: int = 0,
+    n_neighbors: int = 15,
+    min_dist: float = 0.1,
+) -> Layout2D:
+    """2-D layout of example embeddings: UMAP with the cosine metric, or PCA when there are too few.
+
+    Args:
+        e: example embeddings `[n_examples, d_model]` (numpy or torch), at least one row.
+        seed: UMAP's `random_state` (same seed, same coordinates).
+        n_neighbors: UMAP's neighbourhood size, capped at `n_examples - 1`.
+        min_dist: UMAP's `min_dist`.
+
+    Returns:
+        `Layout2D` with coords `[n_examples, 2]`; `method == "pca"` below `UMAP_MIN_POINTS` rows.
+    """
+    e = check_matrix("e", e, min_rows=1)
+    n_neighbors = check_int_range("n_neighbors", n_neighbors, 2, 200)
+    u = _unit_rows(e)  # [n, d]
+    n = len(u)
+    if n < UMAP_MIN_POINTS:
+        centred = u - u.mean(axis=0)  # [n, d]
+        _, s, vt = np.linalg.svd(centred, full_matrices=False)
+        coords = np.zeros((n, 2))
+        k = min(2, len(s))
+        coords[:, :k] = centred @ vt[:k].T  # [n, k]
+        note = f"fallback: too few examples for UMAP ({n} < {UMAP_MIN_POINTS}), PCA shown"
+        return Layout2D(coords, "pca", note)
+    import umap  # slow import (~4 s): only when a map is drawn
+
+    k = min(n_neighbors, n - 1)
+    knn = _cosine_knn(u, k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "n_jobs overridden by random_state", "no search index", ...
+        reducer = umap.UMAP(
+            n_components=2, n_neighbors=k, min_dist=min_dist, metric="cosine", random_state=seed,
+            precomputed_knn=knn, n_jobs=1,
+        )
+        coords = reducer.fit_transform(u)  # [n, 2]
+    return Layout2D(np.asarray(coords, dtype=np.float64), "umap")
+
+
+def umap_plot(
+    e: Float[np.ndarray, "n_examples d_model"],
+    labels: Int[np.ndarray, "n_examples"],
+    *,
+    central: Sequence[int] | np.ndarray | None = None,
+    layout: Layout2D | None = None,
+    seed: int = 0,
+    title: str | None = None,
+    figsize: tuple[float, float] = (6.0, 4.6),
+) -> Any:
+    """Scatter plot of one neuron's examples in 2-D, coloured by cluster, central examples as stars.
+
+    The ten largest clusters of two or more examples get their own colour (legend gives size); other
+    clusters and singletons are grey. When there are fewer than `UMAP_MIN_POINTS` examples the map is a
+    PCA and the title says so.
+
+    Args:
+        e: example embeddings `[n_examples, d_model]`.
+        labels: cluster labels `[n_examples]` (0 = largest, as `clustering.cluster` returns).
+        central: index of each cluster's central example (`clustering.central_example`); computed when None.
+        layout: precomputed `layout_2d(e)` (the explorer caches it per neuron); computed when None.
+        seed: UMAP seed when `layout` is None.
+        title: first title line; default "UMAP of n example embeddings (cosine)".
+        figsize: inches.
+
+    Returns:
+        a matplotlib `Figure` (not attached to pyplot, so it is shown only where the caller displays it).
+    """
+    from matplotlib.figure import Figure
+
+    e = check_matrix("e", e, min_rows=1)
+    labels = np.asarray(labels)
+    check_same_length(e=e, labels=labels)
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+        fail("labels", "hold cluster labels >= 0 (as `clustering.cluster` returns)", f"min {labels.min()}")
+    if central is None:
+        from nbutils.clustering import central_example
+
+        central = central_example(e, labels)
+    central = np.asarray(central, dtype=np.int64).reshape(-1)
+    if central.size and (central.min() < 0 or central.max() >= len(e)):
+        fail("central", f"hold example indices in 0..{len(e) - 1}", central.tolist())
+    layout = layout if layout is not None else layout_2d(e, seed=seed)
+    if layout.coords.shape != (len(e), 2):
+        fail("layout", f"have coords of shape ({len(e)}, 2)", f"shape {layout.coords.shape}")
+    xy = layout.coords
+    sizes = np.bincount(labels)
+    colours = [f"C{i}" for i in range(_N_COLOURED)]
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax = fig.add_subplot()
+    grey = np.isin(labels, [c for c in range(len(sizes)) if c >= _N_COLOURED or sizes[c] < 2])
+    if grey.any():
+        ax.scatter(xy[grey, 0], xy[grey, 1], s=14, c="0.7", label=f"other / singletons ({int(grey.sum())})")
+    for c in range(min(_N_COLOURED, len(sizes))):
+        if sizes[c] >= 2:
+            member = labels == c
+            ax.scatter(xy[member, 0], xy[member, 1], s=18, c=colours[c], label=f"cluster {c} ({sizes[c]})")
+    if central.size:
+        star_colours = [colours[labels[i]] if labels[i] < _N_COLOURED and sizes[labels[i]] >= 2 else "0.7" for i in central]
+        ax.scatter(xy[central, 0], xy[central, 1], s=150, marker="*", c=star_colours, edgecolors="black",
+                   linewidths=0.8, label="central example", zorder=3)
+    name = "UMAP" if layout.method == "umap" else "PCA"
+    heading = title or f"{name} of {len(e)} example embeddings (cosine)"
+    ax.set_title(heading + (f"\n{layout.note}" if layout.note else ""), fontsize=10)
+    ax.set_xlabel(layout.axis_names[0])
+    ax.set_ylabel(layout.axis_names[1])
+    ax.legend(fontsize=7, loc="best", markerscale=0.8, framealpha=0.8)
+    return fig
+
+
+def figure_png(fig: Any, *, dpi: int = 90) -> bytes:
+    """PNG bytes of a matplotlib figure (for an `ipywidgets.Image`, which needs no plotting backend)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def _check_tokens(tokens: Sequence[str], values: Any) -> np.ndarray:
+    if isinstance(tokens, str) or not all(isinstance(t, str) for t in tokens):
+        raise TypeError("`tokens` must be a list of token strings (e.g. `model.to_str_tokens(ids)`).")
+    values = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values, dtype=np.float64).reshape(-1)
+    check_same_length(tokens=tokens, values=values)
+    if not np.isfinite(values).all():
+        fail("values", "be finite", f"{int((~np.isfinite(values)).sum())} NaN or inf")
+    return values
+
+
+def _show_token(token: str) -> str:
+    return html.escape(token.replace("\n", "⏎").replace("\t", "⇥"))
+
+
+def tokens_html(
+    tokens: Sequence[str],
+    values: Sequence[float] | np.ndarray,
+    *,
+    kind: str = "activation",
+    max_value: float | None = None,
+    highlight: int | None = None,
+) -> str:
+    """Tokens as inline HTML spans whose background deepens with the value (plain HTML, no script).
+
+    Args:
+        tokens: token strings `[n_tokens]`.
+        values: one value per token `[n_tokens]`; values <= 0 are uncoloured.
+        kind: `"activation"` (orange) or `"importance"` (blue); see `COLOURS`.
+        max_value: value of the full colour; default the largest value (importance: 1).
+        highlight: index of a token to outline (the activating token).
+
+    Returns:
+        an HTML string: one `<span>` per token, the value in its tooltip.
+    """
+    values = _check_tokens(tokens, values)
+    kind = check_choice("kind", kind, tuple(COLOURS))
+    if highlight is not None:
+        highlight = check_int_range("highlight", highlight, 0, len(tokens) - 1)
+    top = max_value if max_value is not None else (1.0 if kind == "importance" else float(values.max(initial=0.0)))
+    r, g, b = COLOURS[kind]
+    spans = []
+    for i, (token, value) in enumerate(zip(tokens, values)):
+        alpha = float(np.clip(value / top, 0.0, 1.0)) if top > 0 else 0.0
+        style = f"background-color:rgba({r},{g},{b},{alpha:.2f});white-space:pre;border-radius:2px;"
+        if i == highlight:
+            style += "outline:2px solid #000;font-weight:bold;"
+        spans.append(f'<span style="{style}" title="{kind} {value:.3g}">{_show_token(token)}</span>')
+    return '<span style="font-family:monospace;font-size:12px;line-height:1.9;">' + "".join(spans) + "</span>"
+
+
+def _in_kernel() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and hasattr(shell, "kernel")
+
+
+def tokens(
+    tokens: Sequence[str],
+    values: Sequence[float] | np.ndarray,
+    *,
+    kind: str = "activation",
+    max_value: float | None = None,
+    highlight: int | None = None,
+    backend: str = "auto",
+) -> Any:
+    """Tokens coloured by activation or importance, as an HTML object to display.
+
+    Args:
+        tokens: token strings `[n_tokens]`.
+        values: one value per token `[n_tokens]`.
+        kind: `"activation"` or `"importance"` (colour and, for importance, the scale [0, 1]).
+        max_value: value of the full colour; default the largest value (importance: 1).
+        highlight: index of the token to outline (plain HTML only).
+        backend: `"circuitsvis"` (interactive, inlines the offline circuitsvis bundle), `"html"` (plain
+            spans), or `"auto"`: circuitsvis inside a notebook kernel, plain HTML elsewhere.
+
+    Returns:
+        `IPython.display.HTML`; its `.data` is the HTML source.
+    """
+    from IPython.display import HTML
+
+    values = _check_tokens(tokens, values)
+    backend = check_choice("backend", backend, ("auto", "circuitsvis", "html"))
+    if backend == "auto":
+        backend = "circuitsvis" if _in_kernel() else "html"
+    if backend == "html":
+        return HTML(tokens_html(tokens, values, kind=kind, max_value=max_value, highlight=highlight))
+    kind = check_choice("kind", kind, tuple(COLOURS))
+    from circuitsvis.tokens import colored_tokens
+
+    top = max_value if max_value is not None else (1.0 if kind == "importance" else float(values.max(initial=0.0)))
+    rendered = colored_tokens(
+        list(tokens), values.tolist(), min_value=0.0, max_value=top if top > 0 else 1.0,
+        positive_color="#%02x%02x%02x" % COLOURS[kind],
+    )
+    return HTML(rendered.local_src)  # offline bundle: never the CDN
+
+
+def neuron_explorer(model: Any, windows: Any, top: Any, **kwargs: Any) -> Any:
+    """The interactive per-neuron explorer widget (see `nbutils.explorer.neuron_explorer`)."""
+    from nbutils.explorer import neuron_explorer as build
+
+    return build(model, windows, top, **kwargs)
