@@ -21,6 +21,7 @@ import ast
 import functools
 import gzip
 import json
+import os
 import random
 import sys
 import sysconfig
@@ -98,14 +99,14 @@ def _pydoc_topics() -> list[str]:
 def _offline_documents() -> list[str]:
     """All offline documents in a fixed shuffled order; built once and kept in the cache (10 s to parse)."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
-    path = _env.cache_dir() / "corpus" / f"offline-py{version}.json.gz"
+    path = _env.cache_dir() / "corpus" / f"offline-v2-py{version}.json.gz"
     if path.exists():
         try:
             with gzip.open(path, "rt", encoding="utf-8") as f:
                 return json.load(f)
         except (OSError, EOFError, json.JSONDecodeError):
             pass  # a corrupt corpus file is rebuilt below from the installed packages, nothing is lost
-    docs = _fortune_documents() + _stdlib_docstrings() + _pydoc_topics()
+    docs = list(dict.fromkeys(_fortune_documents() + _stdlib_docstrings() + _pydoc_topics()))  # no duplicates
     random.Random(_SEED).shuffle(docs)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -115,9 +116,10 @@ def _offline_documents() -> list[str]:
     return docs
 
 
-def _web_documents(source: str) -> list[str]:
+def _dataset_documents(source: str) -> list[str]:
+    """Documents of a Hugging Face dataset with a `text` column: a hub name, or a local dataset folder."""
     name = WEB_SOURCES.get(source, source)
-    if not _env.hub_reachable():
+    if not Path(name).exists() and not _env.hub_reachable():
         raise ConnectionError(
             f"Cannot load the corpus {source!r} ({name}): the Hugging Face hub is not reachable. "
             f"Use the offline default `source={OFFLINE_SOURCE!r}`."
@@ -125,16 +127,26 @@ def _web_documents(source: str) -> list[str]:
     import datasets
 
     stream = datasets.load_dataset(name, split="train", streaming=True)
-    return [row["text"] for row, _ in zip(stream, range(_WEB_DOCS))]
+    docs = [row["text"] for row, _ in zip(stream, range(_WEB_DOCS)) if row["text"].strip()]
+    docs = list(dict.fromkeys(docs))  # a document repeated would sit in both splits
+    random.Random(_SEED).shuffle(docs)
+    return docs
 
 
 @functools.lru_cache(maxsize=4)
 def corpus_documents(source: str = OFFLINE_SOURCE) -> tuple[str, ...]:
-    """All documents of a corpus in a fixed, shuffled order (train and held-out together)."""
+    """All documents of a corpus in a fixed, shuffled order (train and held-out together).
+
+    `source` is `"offline"`, a name in `WEB_SOURCES`, a Hugging Face dataset name (`owner/name`) or a local
+    dataset folder; the last three need a `text` column and (but for the folder) a reachable hub.
+    """
     if source == OFFLINE_SOURCE:
         return tuple(_offline_documents())
-    if source in WEB_SOURCES or "/" in source:
-        return tuple(_web_documents(source))
+    if source in WEB_SOURCES or "/" in source or Path(source).exists():
+        docs = _dataset_documents(source)
+        if not docs:
+            fail("source", "hold at least one non-empty document", f"none in {source!r}")
+        return tuple(docs)
     fail("source", f"be {OFFLINE_SOURCE!r}, one of {sorted(WEB_SOURCES)} or a Hugging Face dataset name", repr(source))
 
 
@@ -165,16 +177,22 @@ def _cached_tokens(tokenizer: Any, source: str, split: str) -> Tensor:
     return torch.tensor(stream, dtype=torch.long)
 
 
-def corpus_tokens(model_or_tokenizer: Any, split: str = "train", source: str = OFFLINE_SOURCE) -> Int[Tensor, "n_tokens"]:
+def _source(source: str | None) -> str:
+    """`source`, else `$NBUTILS_SOURCE`, else the offline corpus."""
+    return source or os.environ.get("NBUTILS_SOURCE") or OFFLINE_SOURCE
+
+
+def corpus_tokens(model_or_tokenizer: Any, split: str = "train", source: str | None = None) -> Int[Tensor, "n_tokens"]:
     """The token stream of one split: documents joined by the end-of-text token.
 
     Args:
         model_or_tokenizer: a model with `.tokenizer` (TransformerBridge) or a Hugging Face tokenizer.
         split: `"train"` or `"heldout"` (a fixed share of documents, `HELDOUT_SHARE`).
-        source: `"offline"` (default) or a web-text source when the hub is reachable.
+        source: `"offline"` or a web-text source when the hub is reachable; default `$NBUTILS_SOURCE` or
+            `"offline"`.
     """
     check_choice("split", split, SPLITS)
-    return _cached_tokens(_tokenizer(model_or_tokenizer), source, split)
+    return _cached_tokens(_tokenizer(model_or_tokenizer), _source(source), split)
 
 
 def corpus_windows(
@@ -182,7 +200,7 @@ def corpus_windows(
     n_windows: int | None = None,
     window: int = 64,
     split: str = "train",
-    source: str = OFFLINE_SOURCE,
+    source: str | None = None,
 ) -> Int[Tensor, "n_windows window"]:
     """Consecutive, non-overlapping token windows of a corpus split; window `i` is the same on every call.
 
@@ -191,7 +209,7 @@ def corpus_windows(
         n_windows: how many windows (the first ones of the split); `None` for all it can give.
         window: tokens per window; at most the model's context length.
         split: `"train"` or `"heldout"`.
-        source: `"offline"` or a web-text source.
+        source: `"offline"` or a web-text source; default `$NBUTILS_SOURCE` or `"offline"`.
 
     Returns:
         LongTensor `[n_windows, window]` of token ids.
@@ -211,7 +229,7 @@ def corpus_windows(
     if n_windows > available:
         fail(
             "n_windows",
-            f"be at most {available} for split {split!r} of source {source!r} with window={window}",
+            f"be at most {available} for split {split!r} of source {_source(source)!r} with window={window}",
             n_windows,
             "Ask for fewer windows, use shorter windows or a larger source.",
         )

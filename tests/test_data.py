@@ -70,3 +70,23 @@ def test_web_source_offline_names_the_default(model, monkeypatch):
     data.corpus_documents.cache_clear()
     with pytest.raises(ConnectionError, match=r"not reachable.*source='offline'"):
         data.corpus_windows(model, n_windows=2, source="pile-10k")
+
+
+def test_dataset_loading_path_on_a_local_dataset(model, tmp_path):
+    """The web-text code path (datasets, `text` column, fixed shuffle), fed a local folder instead of the hub."""
+    import json
+
+    texts = [f"Document number {i} says hello to the reader of the neuron." for i in range(60)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    docs = data.corpus_documents(str(tmp_path))
+    assert sorted(docs) == sorted(texts)
+    assert list(docs) != texts  # shuffled with the fixed seed
+    windows = data.corpus_windows(model, n_windows=4, window=16, source=str(tmp_path))
+    assert windows.shape == (4, 16)
+    assert "Document number" in data.windows_to_text(model, windows)[0] + data.windows_to_text(model, windows)[1]
+
+
+def test_source_from_environment(model, monkeypatch):
+    monkeypatch.setenv("NBUTILS_SOURCE", "nonsense")
+    with pytest.raises(ValueError, match=r"`source` must be 'offline'"):
+        data.corpus_windows(model, n_windows=2)
