@@ -1,0 +1,403 @@
+"""Streaming top-k collection of highly activating examples for every MLP neuron of every layer.
+
+An *example* of a neuron is a corpus window together with the position where the neuron is highest in that
+window, so a window gives each neuron at most one example. Per neuron the collection keeps the `k` windows
+with the highest activation, then only those with `act >= frac * max`, where `max` is the neuron's highest
+activation over the whole corpus. A neuron whose max is <= 0 is *dead*: it has no examples.
+
+The collection streams. Each batch of windows runs through the model up to the last MLP (the MLP
+activations `hook_post` are the only hooks read); each layer's activations `[batch, pos, d_mlp]` are reduced
+on the model's device to one candidate per (window, neuron), the max over positions, and merged with the
+running top-k by one `torch.topk` over the concatenated candidates. The state is three plain tensors
+`[n_layers, d_mlp, k]` (act, window, pos): memory does not grow with the corpus, and two shards of a corpus
+merge with the same operation (`merge`). Ties are broken towards the lower window id, so the result is the
+same whatever the batch or shard order.
+
+Results are cached (see `nbutils.cache`): a folder per (model, corpus, settings) under the cache folder,
+with a checkpoint every `checkpoint_every` batches so an interrupted run resumes where it stopped.
+
+Columns of the tables, documented once:
+
+- `examples`: `layer, neuron, window, pos, act` — window id (row of `windows`, plus `window_offset`),
+  position of the token where the neuron is highest in that window, the activation there.
+- `neurons`: `layer, neuron, max_act, n_examples, dead` — one row per neuron of every layer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from nbutils import cache as _cache
+from nbutils._validation import check_float_range, check_int_range, fail
+from nbutils.models import check_windows, hook_name
+
+__all__ = ["CollectSettings", "TopActivations", "collect_top_activations", "merge"]
+
+_NO_WINDOW = -1  # window id of an empty slot (fewer windows seen than k)
+_FORMAT = 1  # bump when the stored state changes meaning
+
+
+@dataclass(frozen=True)
+class CollectSettings:
+    """Settings of one collection run (saved in the cache folder's `meta.json`, part of its key).
+
+    Attributes:
+        k: at most this many examples per neuron (the top-k windows).
+        frac: keep only examples with `act >= frac * max` of their neuron; in (0, 1].
+        batch_size: windows per forward pass. It can change activations in their last bits (batched
+            matrix products), so it is part of the cache key.
+        hook: which MLP quantity is ranked (`models.hook_name` kind); the neuron activation `"post"`.
+    """
+
+    k: int = 128
+    frac: float = 0.75
+    batch_size: int = 64
+    hook: str = "post"
+
+    def __post_init__(self) -> None:
+        check_int_range("k", self.k, 1, 2**31 - 1)
+        check_float_range("frac", self.frac, 0.0, 1.0, low_open=True)
+        check_int_range("batch_size", self.batch_size, 1, 2**31 - 1)
+        if self.hook != "post":
+            fail("hook", "be 'post' (the MLP activation)", repr(self.hook))
+
+
+@dataclass(eq=False)
+class TopActivations:
+    """The top-k examples of every MLP neuron of every layer, as plain tensors, and the tables built from them.
+
+    Attributes:
+        act: `[n_layers, d_mlp, k]` float32, each neuron's top-k activations, highest first (`-inf` in
+            empty slots).
+        window: `[n_layers, d_mlp, k]` int64 window ids (-1 in empty slots).
+        pos: `[n_layers, d_mlp, k]` int64 positions of the activation in its window.
+        settings: the `CollectSettings` used.
+        n_windows: how many windows were read.
+        window_ranges: the window ids read, as half-open `(start, stop)` ranges.
+        model_id, corpus_id: fingerprints of the model's weights and of the windows (`nbutils.cache`).
+
+    `frac` is applied when the tables are built: the tensors keep all top-k windows, so shards merge exactly.
+    """
+
+    act: Float[Tensor, "n_layers d_mlp k"]
+    window: Int[Tensor, "n_layers d_mlp k"]
+    pos: Int[Tensor, "n_layers d_mlp k"]
+    settings: CollectSettings
+    n_windows: int
+    window_ranges: tuple[tuple[int, int], ...]
+    model_id: str = ""
+    corpus_id: str = ""
+    _tables: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def k(self) -> int:
+        return self.settings.k
+
+    @property
+    def frac(self) -> float:
+        return self.settings.frac
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.act.shape[0])
+
+    @property
+    def d_mlp(self) -> int:
+        return int(self.act.shape[1])
+
+    @property
+    def max_act(self) -> Float[Tensor, "n_layers d_mlp"]:
+        """Each neuron's highest activation over the corpus."""
+        return self.act[..., 0]
+
+    def _keep(self) -> Tensor:
+        """`[n_layers, d_mlp, k]` bool: the slots that are examples (filled, neuron alive, act >= frac * max)."""
+        top = self.max_act[..., None]  # [n_layers, d_mlp, 1]
+        return (self.window != _NO_WINDOW) & (top > 0) & (self.act >= self.frac * top)
+
+    @property
+    def examples(self) -> pd.DataFrame:
+        """`layer, neuron, window, pos, act`, sorted by layer, neuron, act desc (ties: lower window first)."""
+        if "examples" not in self._tables:
+            keep = self._keep()
+            layer, neuron, _ = torch.nonzero(keep, as_tuple=True)  # row-major: already in the sorted order
+            self._tables["examples"] = pd.DataFrame(
+                {
+                    "layer": layer.numpy().astype(np.int64),
+                    "neuron": neuron.numpy().astype(np.int64),
+                    "window": self.window[keep].numpy(),
+                    "pos": self.pos[keep].numpy(),
+                    "act": self.act[keep].numpy(),
+                }
+            )
+        return self._tables["examples"]
+
+    @property
+    def neurons(self) -> pd.DataFrame:
+        """`layer, neuron, max_act, n_examples, dead`: one row per neuron of every layer."""
+        if "neurons" not in self._tables:
+            n_layers, d_mlp = self.n_layers, self.d_mlp
+            top = self.max_act
+            self._tables["neurons"] = pd.DataFrame(
+                {
+                    "layer": np.repeat(np.arange(n_layers), d_mlp),
+                    "neuron": np.tile(np.arange(d_mlp), n_layers),
+                    "max_act": top.reshape(-1).numpy(),
+                    "n_examples": self._keep().sum(-1).reshape(-1).numpy().astype(np.int64),
+                    "dead": (top <= 0).reshape(-1).numpy(),
+                }
+            )
+        return self._tables["neurons"]
+
+    @property
+    def dead(self) -> pd.DataFrame:
+        """The rows of `neurons` whose max activation over the corpus is <= 0."""
+        table = self.neurons
+        return table[table["dead"]].reset_index(drop=True)
+
+    def neuron_examples(self, layer: int, neuron: int) -> pd.DataFrame:
+        """The rows of `examples` of one neuron, highest activation first (empty for a dead neuron)."""
+        layer = check_int_range("layer", layer, 0, self.n_layers - 1, what="for this model")
+        neuron = check_int_range("neuron", neuron, 0, self.d_mlp - 1, what="for this model (d_mlp)")
+        table = self.examples
+        start, stop = np.searchsorted(table["layer"].to_numpy() * self.d_mlp + table["neuron"].to_numpy(),
+                                      [layer * self.d_mlp + neuron, layer * self.d_mlp + neuron + 1])
+        return table.iloc[start:stop].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The streaming merge
+
+
+def _order_key(act: Float[Tensor, "*shape"], window: Int[Tensor, "*shape"]) -> Int[Tensor, "*shape"]:
+    """An int64 key ordering slots by act (desc) then window id (asc); empty slots lowest.
+
+    The float32 bits are mapped to integers of the same order, shifted into the high 32 bits, and the
+    inverted window id fills the low 32 bits, so `topk` over the key has no ties.
+    """
+    bits = act.float().contiguous().view(torch.int32)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # same order as the floats
+    key = (bits.long() << 32) | (0xFFFFFFFF - window.clamp(min=0))
+    return key.masked_fill(window < 0, torch.iinfo(torch.int64).min)
+
+
+def _merge_topk(
+    state: tuple[Tensor, Tensor, Tensor], candidates: tuple[Tensor, Tensor, Tensor], k: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k of the union of two sets of (act, window, pos) slots `[n_layers, d_mlp, m]`, by one topk."""
+    act, window, pos = (torch.cat([s, c], dim=-1) for s, c in zip(state, candidates))  # [n_layers, d_mlp, m1+m2]
+    _, idx = torch.topk(_order_key(act, window), k=min(k, act.shape[-1]), dim=-1, sorted=True)
+    out = tuple(t.gather(-1, idx) for t in (act, window, pos))
+    if out[0].shape[-1] < k:  # fewer slots than k: pad with empty ones
+        pad = k - out[0].shape[-1]
+        out = tuple(torch.nn.functional.pad(t, (0, pad), value=v)
+                    for t, v in zip(out, (float("-inf"), _NO_WINDOW, 0)))
+    return out  # type: ignore[return-value]
+
+
+def _empty_state(n_layers: int, d_mlp: int, k: int, device: Any) -> tuple[Tensor, Tensor, Tensor]:
+    shape = (n_layers, d_mlp, k)
+    return (
+        torch.full(shape, float("-inf"), device=device),
+        torch.full(shape, _NO_WINDOW, dtype=torch.long, device=device),
+        torch.zeros(shape, dtype=torch.long, device=device),
+    )
+
+
+class _StopForward(Exception):
+    """Raised by the last layer's hook: nothing after the last MLP is needed."""
+
+
+def _batch_candidates(model: Any, batch: Tensor, first_window: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Run one batch and reduce each layer's activations to per-(neuron, window) candidates on the device.
+
+    Returns act, window, pos `[n_layers, d_mlp, batch]`.
+    """
+    n_layers = model.cfg.n_layers
+    maxima: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
+    argmax: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
+
+    def reduce(layer: int):
+        def hook(act: Tensor, hook: Any = None) -> None:  # act: [batch, pos, d_mlp]
+            maxima[layer], argmax[layer] = act.float().max(dim=1)  # [batch, d_mlp] each
+            if layer == n_layers - 1:
+                raise _StopForward
+
+        return hook
+
+    try:
+        model.run_with_hooks(batch, fwd_hooks=[(hook_name(l, "post"), reduce(l)) for l in range(n_layers)],
+                             return_type=None)
+    except _StopForward:
+        pass
+    act = torch.stack(maxima).transpose(1, 2)  # [n_layers, d_mlp, batch]
+    pos = torch.stack(argmax).transpose(1, 2)  # [n_layers, d_mlp, batch]
+    ids = torch.arange(first_window, first_window + batch.shape[0], device=act.device)
+    return act, ids.expand_as(act), pos
+
+
+def _check_finite(act: Tensor, first_window: int) -> None:
+    if not torch.isfinite(act).all():
+        bad = int(torch.nonzero(~torch.isfinite(act))[0, -1]) + first_window
+        fail("activations", "be finite", f"NaN or inf in window {bad}", "Check the model's weights and dtype.")
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def collect_top_activations(
+    model: Any,
+    windows: Int[Tensor, "n_windows window"],
+    k: int = 128,
+    frac: float = 0.75,
+    batch_size: int = 64,
+    cache_dir: str | Path | None = None,
+    *,
+    use_cache: bool = True,
+    window_offset: int = 0,
+    checkpoint_every: int = 50,
+    progress: bool = True,
+) -> TopActivations:
+    """Collect the top examples of every MLP neuron of every layer in one streaming pass over `windows`.
+
+    Args:
+        model: a TransformerBridge (`models.load_model`).
+        windows: token windows `[n_windows, window]` (`data.corpus_windows`).
+        k: at most this many examples per neuron.
+        frac: keep examples with `act >= frac * max` of their neuron; in (0, 1].
+        batch_size: windows per forward pass.
+        cache_dir: cache folder; `None` for the default (`$NBUTILS_CACHE` or `cache/`).
+        use_cache: read and write the cache (folder per model, corpus and settings; resumes an
+            interrupted run). `False` computes in memory only.
+        window_offset: id of the first window, to collect one shard of a larger corpus (`merge`).
+        checkpoint_every: write a checkpoint every this many batches.
+        progress: show a tqdm bar with tokens/s.
+
+    Returns:
+        `TopActivations`; `.examples` is the table `layer, neuron, window, pos, act`.
+
+    Raises:
+        ValueError: bad `k`, `frac`, `batch_size` or windows (empty, not 2-D, ids outside the vocabulary).
+        nbutils.cache.CacheError: a cache file that cannot be read (the message names it and how to clear it).
+    """
+    settings = CollectSettings(k=k, frac=frac, batch_size=batch_size)
+    windows = check_windows(model, windows)
+    window_offset = check_int_range("window_offset", window_offset, 0, 2**31 - 1)
+    checkpoint_every = check_int_range("checkpoint_every", checkpoint_every, 1, 2**31 - 1)
+    n_windows = windows.shape[0]
+    ids = {"model_id": _cache.model_fingerprint(model), "corpus_id": _cache.tensor_fingerprint(windows)}
+    ranges = ((window_offset, window_offset + n_windows),)
+    run = None
+    if use_cache:
+        key = {"kind": "top_activations", "format": _FORMAT, **ids, "window_offset": window_offset,
+               "n_windows": n_windows, "device": _device(model).type, **asdict(settings)}
+        run = _cache.Run("top_activations", key, cache_dir)
+        finished = run.load_finished()
+        if finished is not None:
+            state = _read_state(run, run.result_path, finished[0], model, settings.k)
+            return TopActivations(*state, settings=settings, n_windows=n_windows, window_ranges=ranges, **ids)
+    state, done = _empty_state(model.cfg.n_layers, model.cfg.d_mlp, settings.k, _device(model)), 0
+    if run is not None:
+        partial = run.load_checkpoint()
+        if partial is not None:
+            table, done = partial
+            state = tuple(t.to(_device(model)) for t in _read_state(run, run.checkpoint_path, table, model,
+                                                                    settings.k))
+    state = _stream(model, windows, state, done, settings, window_offset, checkpoint_every, run, progress)
+    state = tuple(t.cpu() for t in state)
+    if run is not None:
+        run.save_finished(_state_table(*state), {"n_layers": model.cfg.n_layers, "d_mlp": model.cfg.d_mlp})
+    return TopActivations(*state, settings=settings, n_windows=n_windows, window_ranges=ranges, **ids)
+
+
+def _stream(model, windows, state, done, settings, window_offset, checkpoint_every, run, progress):
+    from tqdm.auto import tqdm
+
+    n_windows, n_pos = windows.shape
+    device = _device(model)
+    bar = tqdm(total=n_windows * n_pos, initial=done * n_pos, unit="tok", unit_scale=True,
+               desc="collecting top activations", disable=not progress)
+    try:
+        with torch.inference_mode():
+            for i, start in enumerate(range(done, n_windows, settings.batch_size)):
+                batch = windows[start : start + settings.batch_size].to(device)  # [batch, window]
+                candidates = _batch_candidates(model, batch, window_offset + start)
+                _check_finite(candidates[0], window_offset + start)
+                state = _merge_topk(state, candidates, settings.k)
+                bar.update(batch.numel())
+                if run is not None and (i + 1) % checkpoint_every == 0 and start + len(batch) < n_windows:
+                    run.save_checkpoint(_state_table(*(t.cpu() for t in state)), start + len(batch))
+    finally:
+        bar.close()
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# State <-> table (the cache stores the state as one long parquet table)
+
+
+def _state_table(act: Tensor, window: Tensor, pos: Tensor) -> pd.DataFrame:
+    """The state as a table `layer, neuron, rank, window, pos, act` of its filled slots."""
+    filled = window != _NO_WINDOW
+    layer, neuron, rank = torch.nonzero(filled, as_tuple=True)
+    return pd.DataFrame({"layer": layer.numpy().astype(np.int32), "neuron": neuron.numpy().astype(np.int32),
+                         "rank": rank.numpy().astype(np.int32), "window": window[filled].numpy(),
+                         "pos": pos[filled].numpy(), "act": act[filled].numpy().astype(np.float32)})
+
+
+def _state_from_table(table: pd.DataFrame, n_layers: int, d_mlp: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    act, window, pos = _empty_state(n_layers, d_mlp, k, "cpu")
+    index = (torch.as_tensor(table["layer"].to_numpy(np.int64)), torch.as_tensor(table["neuron"].to_numpy(np.int64)),
+             torch.as_tensor(table["rank"].to_numpy(np.int64)))
+    act[index] = torch.as_tensor(table["act"].to_numpy(np.float32))
+    window[index] = torch.as_tensor(table["window"].to_numpy(np.int64))
+    pos[index] = torch.as_tensor(table["pos"].to_numpy(np.int64))
+    return act, window, pos
+
+
+def _read_state(run: _cache.Run, path: Path, table: pd.DataFrame, model: Any, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`_state_from_table` for a table read from the cache; a table that does not fit raises `CacheError`."""
+    try:
+        return _state_from_table(table, model.cfg.n_layers, model.cfg.d_mlp, k)
+    except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as err:
+        raise run._error(path, f"does not hold a valid top-k state ({type(err).__name__}: {err})") from err
+
+
+# --------------------------------------------------------------------------------------------------
+# Merging shards
+
+
+def merge(a: TopActivations, b: TopActivations) -> TopActivations:
+    """Combine the results of two disjoint shards of a corpus; equals one collection over their union.
+
+    Collect each shard with `window_offset` set to its first window's id in the whole corpus, so window ids
+    are global. Both must come from the same model with the same `k`, `frac` and hook.
+
+    Raises:
+        ValueError: different models or settings, or shards whose window ids overlap.
+    """
+    for name in ("k", "frac", "hook"):
+        if getattr(a.settings, name) != getattr(b.settings, name):
+            fail(f"{name} of both shards", "be equal", f"{getattr(a.settings, name)!r} and {getattr(b.settings, name)!r}")
+    if a.model_id != b.model_id or a.act.shape[:2] != b.act.shape[:2]:
+        fail("shards", "come from the same model", f"model fingerprints {a.model_id[:12]} and {b.model_id[:12]}")
+    for lo, hi in a.window_ranges:
+        for lo2, hi2 in b.window_ranges:
+            if lo < hi2 and lo2 < hi:
+                fail("shards", "cover disjoint window ids", f"overlap of [{lo}, {hi}) and [{lo2}, {hi2})",
+                     "Collect each shard with `window_offset` = its first window's id in the whole corpus.")
+    state = _merge_topk((a.act, a.window, a.pos), (b.act, b.window, b.pos), a.settings.k)
+    ranges = tuple(sorted(a.window_ranges + b.window_ranges))
+    corpus_id = _cache.text_fingerprint(json.dumps(sorted([a.corpus_id, b.corpus_id])))
+    return TopActivations(*state, settings=a.settings, n_windows=a.n_windows + b.n_windows,
+                          window_ranges=ranges, model_id=a.model_id, corpus_id=corpus_id)

@@ -1,0 +1,203 @@
+"""The cache folder: one sub-folder per (model, corpus, settings), written atomically, never reused by others.
+
+Layout of a run folder `<cache>/<kind>/<hash>/` (`<cache>` is `_env.cache_dir`: a `cache_dir` argument,
+else `$NBUTILS_CACHE`, else `cache/`; `<hash>` is the SHA-256 of the run's key: fingerprints of the model
+and corpus plus every setting that changes the result):
+
+- `meta.json`: the key, and `status` `"running"` or `"complete"`.
+- `checkpoint.parquet`: the state of an unfinished run; its progress is stored inside the same file (parquet
+  metadata), so state and progress are replaced together.
+- `result.parquet`: the finished result, written before `meta.json` says `"complete"`.
+
+Every file is written to a temporary name in the same folder and renamed into place, so a crash leaves the
+previous version intact. A file that cannot be read raises `CacheError` naming it; nothing finished is ever
+deleted by the package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from nbutils import _env
+
+__all__ = ["CacheError", "Run", "model_fingerprint", "tensor_fingerprint", "text_fingerprint"]
+
+_PROGRESS_KEY = b"nbutils_progress"
+
+
+class CacheError(RuntimeError):
+    """A cache file that cannot be used: unreadable, half-written or written by other settings."""
+
+
+def text_fingerprint(text: str) -> str:
+    """SHA-256 hex digest of a string."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _update_with_tensor(hasher: Any, t: Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    hasher.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    hasher.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def tensor_fingerprint(t: Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (e.g. corpus windows)."""
+    hasher = hashlib.sha256()
+    _update_with_tensor(hasher, t)
+    return hasher.hexdigest()
+
+
+def model_fingerprint(model: Any) -> str:
+    """SHA-256 of a model's architecture and every weight, so a retrained or edited model gets a new key.
+
+    Hashes the Hugging Face config (without its path and library version) when the model wraps one, the
+    TransformerLens sizes, and all tensors of the state dict sorted by name.
+    """
+    hasher = hashlib.sha256()
+    inner = getattr(model, "original_model", model)
+    config = getattr(inner, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        cfg = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        hasher.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    tl_cfg = getattr(model, "cfg", None)
+    sizes = {k: getattr(tl_cfg, k, None) for k in ("n_layers", "d_model", "d_mlp", "d_vocab", "n_ctx")}
+    hasher.update(json.dumps(sizes, sort_keys=True).encode())
+    state = inner.state_dict()
+    for name in sorted(state):
+        hasher.update(name.encode())
+        _update_with_tensor(hasher, state[name])
+    return hasher.hexdigest()
+
+
+def _clear_hint(folder: Path) -> str:
+    return (f"Nothing was deleted. To recompute, remove the folder (`rm -r '{folder}'`) or pass another "
+            "`cache_dir`.")
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call `write(file)` on a temporary file beside `path`, flush it to disk, then rename it to `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_parquet(path: Path, table: pd.DataFrame, progress: int | None = None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    if progress is not None:
+        arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), _PROGRESS_KEY: str(progress).encode()})
+    _atomic_write(path, lambda f: pq.write_table(arrow, f))
+
+
+class Run:
+    """One run folder of the cache, named by the hash of `key` (a JSON-able dict).
+
+    Args:
+        kind: sub-folder of the cache (e.g. `"top_activations"`).
+        key: everything that changes the result (model and corpus fingerprints, settings).
+        cache_dir: the cache folder; `None` for the default (`_env.cache_dir`).
+    """
+
+    def __init__(self, kind: str, key: dict, cache_dir: str | os.PathLike | None = None) -> None:
+        self.key = json.loads(json.dumps(key, sort_keys=True))  # plain JSON types, as read back
+        digest = text_fingerprint(json.dumps(self.key, sort_keys=True))
+        self.folder = _env.cache_dir(cache_dir) / kind / digest[:20]
+        self.meta_path = self.folder / "meta.json"
+        self.result_path = self.folder / "result.parquet"
+        self.checkpoint_path = self.folder / "checkpoint.parquet"
+
+    def _error(self, path: Path, problem: str) -> CacheError:
+        return CacheError(f"Cache file {path} {problem}. {_clear_hint(self.folder)}")
+
+    def _read_meta(self) -> dict | None:
+        if not self.meta_path.exists():
+            if self.result_path.exists():
+                raise self._error(self.meta_path, "is missing beside a result (a half-written or foreign "
+                                  "cache folder)")
+            return None
+        try:
+            meta = json.loads(self.meta_path.read_text())
+            status, key = meta["status"], meta["key"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise self._error(self.meta_path, f"is unreadable ({type(err).__name__}: {err})") from err
+        if key != self.key:
+            raise self._error(self.meta_path, "was written by other settings (its key differs from this run's)")
+        if status not in ("running", "complete"):
+            raise self._error(self.meta_path, f"has an unknown status {status!r}")
+        return meta
+
+    def _read_parquet(self, path: Path) -> tuple[pd.DataFrame, dict]:
+        import pyarrow.parquet as pq
+
+        try:
+            arrow = pq.read_table(path)
+        except Exception as err:  # pyarrow raises several types for a damaged file; all mean the same here
+            raise self._error(path, f"is unreadable ({type(err).__name__}: {err})") from err
+        return arrow.to_pandas(), dict(arrow.schema.metadata or {})
+
+    def load_finished(self) -> tuple[pd.DataFrame, dict] | None:
+        """The finished result and the extra facts saved with it, or `None` when the run has not finished.
+
+        Raises:
+            CacheError: `meta.json` or `result.parquet` is unreadable, missing or from other settings.
+        """
+        meta = self._read_meta()
+        if meta is None or meta["status"] != "complete":
+            return None
+        if not self.result_path.exists():
+            raise self._error(self.result_path, "is missing although meta.json says the run is complete")
+        table, _ = self._read_parquet(self.result_path)
+        return table, meta.get("extra", {})
+
+    def load_checkpoint(self) -> tuple[pd.DataFrame, int] | None:
+        """The last checkpoint of an unfinished run and its progress, or `None` when there is none.
+
+        Raises:
+            CacheError: the checkpoint is unreadable or has no progress record.
+        """
+        meta = self._read_meta()
+        if meta is None or meta["status"] != "running" or not self.checkpoint_path.exists():
+            return None
+        table, metadata = self._read_parquet(self.checkpoint_path)
+        try:
+            progress = int(metadata[_PROGRESS_KEY])
+        except (KeyError, ValueError) as err:
+            raise self._error(self.checkpoint_path, "has no progress record") from err
+        return table, progress
+
+    def _write_meta(self, status: str, extra: dict | None = None) -> None:
+        meta = {"status": status, "key": self.key, "extra": extra or {}}
+        text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+        _atomic_write(self.meta_path, lambda f: f.write(text.encode()))
+
+    def save_checkpoint(self, table: pd.DataFrame, progress: int) -> None:
+        """Replace the checkpoint with `table`, recording `progress` inside the same file."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not self.meta_path.exists():
+            self._write_meta("running")
+        _write_parquet(self.checkpoint_path, table, progress)
+
+    def save_finished(self, table: pd.DataFrame, extra: dict | None = None) -> None:
+        """Write the result, then mark the run complete and drop its checkpoint."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _write_parquet(self.result_path, table)
+        self._write_meta("complete", extra)
+        if self.checkpoint_path.exists():
+            self.checkpoint_path.unlink()
