@@ -84,5 +84,6 @@ def check_same_length(**arrays: Any) -> int:
     lengths = {name: len(a) for name, a in arrays.items()}
     if len(set(lengths.values())) > 1:
         names = " and ".join(f"`{n}`" for n in lengths)
-        fail(names, "have the same length", ", ".join(f"{n}={l}" for n, l in lengths.items()))
+        got = ", ".join(f"{n}={length}" for n, length in lengths.items())
+        raise ValueError(f"{names} must have the same length; got {got}.")
     return next(iter(lengths.values()), 0)

@@ -4,9 +4,11 @@ For neuron j of layer i, `e.sum() + bias[j]` is exactly the neuron's pre-activat
 test checks). Two LayerNorm conventions, each with its own weights and bias (`mlp_in_weights`):
 
 - `fold_ln=True` (default, as TransformerLens' folded models and the paper): h is the normalised vector
-  (centred, unit variance: ln2 before its scale γ and bias β), the weights are `γ[:, None] * W_in` and the
-  bias is `b_in + β @ W_in`. So `e = (h_raw - β) ⊙ W_in[:, j]`: it leaves out the offset `β ⊙ w` that all
-  examples of a neuron share, which would otherwise inflate every similarity.
+  (centred, unit variance: ln2 before its scale γ and bias β), the weights are `γ[:, None] * W_in` with each
+  column's mean over d_model removed (h sums to zero, so that mean never reaches the output; TransformerLens'
+  `fold_ln` + `center_weights` does the same, and so does `enable_compatibility_mode()`), and the bias is
+  `b_in + β @ W_in`. This leaves out the offset `β ⊙ w` that all examples of a neuron share, which would
+  otherwise inflate every similarity.
 - `fold_ln=False`: h is the raw MLP input (ln2 output), weights `W_in`, bias `b_in`.
 
 Both are computed from the bridge's raw weights, not through compatibility-mode hook aliases. Windows are
@@ -50,6 +52,8 @@ def mlp_in_weights(
             beta = getattr(ln, "b", None)
             b = b + beta.detach().float() @ W if beta is not None else b
             W = gamma[:, None] * W
+            if model.cfg.normalization_type in ("LN", "LNPre"):
+                W = W - W.mean(0, keepdim=True)  # h is centred, so the column mean never reaches the output
     return W, b
 
 

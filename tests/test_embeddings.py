@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from nbutils import _env, embeddings
+from nbutils import _env, data, embeddings, models
 
 TOL = 1e-4  # float32: sums of 128 products of O(1) numbers
 
@@ -35,15 +35,41 @@ def test_embedding_sum_plus_bias_is_the_pre_activation(model, windows, fold_ln):
         assert max(errors) < TOL
 
 
-def test_folded_and_raw_differ_by_the_shared_offset(model, windows):
-    """Folding drops β ⊙ w, the offset every example of a neuron shares; the pre-activation is unchanged."""
+def test_folded_weights_equal_compatibility_mode():
+    """Our explicit fold equals TransformerLens' own (compatibility mode folds LayerNorm and centres W_in),
+    and the invariant still holds on a bridge in compatibility mode."""
+    raw, compat = models.load_model(), models.load_model()
+    compat.enable_compatibility_mode()
+    windows = data.corpus_windows(raw, n_windows=6, window=16)
+    wid, pos = np.arange(6), np.arange(6)
+    for layer in range(raw.cfg.n_layers):
+        W0, b0 = embeddings.mlp_in_weights(raw, layer)
+        W1, b1 = embeddings.mlp_in_weights(compat, layer)
+        assert torch.allclose(W0, compat.W_in[layer].detach(), atol=1e-5)
+        assert torch.allclose(W0, W1, atol=1e-5) and torch.allclose(b0, b1, atol=1e-5)
+        for fold_ln in (True, False):
+            W, b = embeddings.mlp_in_weights(compat, layer, fold_ln=fold_ln)
+            h = embeddings.pre_mlp_vectors(compat, windows, layer, wid, pos, fold_ln=fold_ln)
+            pre = embeddings.pre_activations(compat, windows, layer, wid, pos)
+            assert (h @ W + b - pre).abs().max() < TOL
+
+
+def test_folded_embedding_by_hand(model, windows):
+    """e_fold = n ⊙ (γ ⊙ w − mean(γ ⊙ w)) with n the centred, unit-variance ln2 input; the raw embedding
+    carries in addition the offset β ⊙ w shared by every example."""
     wid, pos = _examples(windows, n=10)
     layer, neuron = 1, 3
+    ln = model.blocks[layer].ln2
+    h_raw = embeddings.pre_mlp_vectors(model, windows, layer, wid, pos, fold_ln=False)
+    n = (h_raw - ln.b.detach()) / ln.w.detach()
+    assert torch.allclose(n.mean(-1), torch.zeros(len(n)), atol=1e-5)
+    w = model.W_in[layer][:, neuron].detach()
+    gw = ln.w.detach() * w
+    expected = n * (gw - gw.mean())
     e_fold = embeddings.neuron_embeddings(model, windows, layer, neuron, wid, pos, fold_ln=True)
     e_raw = embeddings.neuron_embeddings(model, windows, layer, neuron, wid, pos, fold_ln=False)
-    beta = model.blocks[layer].ln2.b.detach()
-    w = model.W_in[layer][:, neuron].detach()
-    assert torch.allclose(e_raw - e_fold, (beta * w).expand_as(e_raw), atol=1e-5)
+    assert torch.allclose(e_fold, expected, atol=1e-4)
+    assert torch.allclose(e_raw, n * gw + ln.b.detach() * w, atol=1e-5)
 
 
 def test_embeddings_match_plain_hugging_face_hooks(model, windows):
@@ -66,11 +92,13 @@ def test_embeddings_match_plain_hugging_face_hooks(model, windows):
     w = block.mlp.c_fc.weight[:, neuron].detach()  # Conv1D: weight is [d_model, d_mlp]
     beta = block.ln_2.bias.detach()
     expected_raw = h_raw * w
-    expected_fold = (h_raw - beta) * w
+    gamma = block.ln_2.weight.detach()
+    normalised = (h_raw - beta) / gamma
+    expected_fold = normalised * (gamma * w - (gamma * w).mean())
     got_raw = embeddings.neuron_embeddings(model, windows, layer, neuron, wid, pos, fold_ln=False)
     got_fold = embeddings.neuron_embeddings(model, windows, layer, neuron, wid, pos, fold_ln=True)
     assert torch.allclose(got_raw, expected_raw, atol=1e-5)
-    assert torch.allclose(got_fold, expected_fold, atol=1e-5)
+    assert torch.allclose(got_fold, expected_fold, atol=1e-4)
     assert torch.allclose(expected_raw.sum(-1) + block.mlp.c_fc.bias[neuron], pre, atol=TOL)
 
 
