@@ -1,0 +1,391 @@
+"""Feature clusters: cluster a neuron's example embeddings, find central examples, measure polysemy.
+
+All methods read the cosine similarity `cos(e_a, e_b)` of a neuron's example embeddings (distance
+`1 - cos`). One API, four methods (`METHODS`):
+
+- `"threshold"` (the paper's): a graph with an edge where `cos >= threshold`; clusters = connected
+  components. `threshold` is a cosine similarity in [-1, 1].
+- `"agglomerative"`: average linkage on cosine distance, merging while the mean similarity between two
+  clusters is `>= threshold` (distance threshold `1 - threshold`). `threshold` in [-1, 1].
+- `"hdbscan"`: scikit-learn's HDBSCAN on the precomputed cosine distance; `threshold` is its
+  `min_cluster_size` (an integer >= 2).
+- `"adaptive"` (default): average linkage as `"agglomerative"`, with the cut relative to the neuron's own
+  scale: merge while the mean similarity between two clusters is `>= threshold * ref`, where `ref` is the
+  median over examples of the mean similarity to their `ADAPTIVE_NEIGHBOURS` nearest neighbours (how
+  similar members of one feature are for this neuron). `threshold` in (0, 2]. When `ref <= 0` there is
+  no structure to cluster and every example is a singleton.
+
+Label convention: 0 is the largest cluster, 1 the next, ... (ties by first member); points a method
+calls noise become singleton clusters, so -1 never appears.
+
+The default (`DEFAULT_METHOD`, `DEFAULT_THRESHOLDS`) is chosen by measurement on planted features
+(`make_planted_features`, `compare_methods`): every top example of a neuron pushes its pre-activation
+up, so all of them share a common direction, and a fixed-threshold graph chains distinct features into
+one component through a few bridging pairs. Average linkage needs whole clusters to be similar on
+average, which a few bridges cannot fake; but any fixed similarity cut suits only one noise level, and
+how similar the examples of one feature are differs from neuron to neuron and layer to layer (the paper
+sets its threshold per layer). HDBSCAN is scale-free but splits single features (monosemantic neurons)
+into pieces. The adaptive cut measures the scale per neuron and did best on both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from jaxtyping import Float, Int
+
+from nbutils._validation import check_choice, check_float_range, check_int_range, check_matrix, fail
+
+__all__ = [
+    "METHODS",
+    "DEFAULT_METHOD",
+    "DEFAULT_THRESHOLDS",
+    "PAPER_THRESHOLDS_GPT2",
+    "ADAPTIVE_NEIGHBOURS",
+    "cosine_similarity",
+    "neighbour_similarity",
+    "cluster",
+    "canonical_labels",
+    "central_example",
+    "effective_n_clusters",
+    "monosemanticity",
+    "PlantedFeatures",
+    "make_planted_features",
+    "compare_methods",
+]
+
+METHODS: tuple[str, ...] = ("adaptive", "agglomerative", "threshold", "hdbscan")
+DEFAULT_METHOD = "adaptive"
+# Default `threshold` of each method (see module docstring for what it means per method): the best mean
+# adjusted Rand index of each method on planted features (`compare_methods`).
+DEFAULT_THRESHOLDS: dict[str, float] = {"adaptive": 0.7, "agglomerative": 0.5, "threshold": 0.7, "hdbscan": 3}
+ADAPTIVE_NEIGHBOURS = 10
+# The paper's thresholds for GPT-2 small by layer (reference only; not our defaults).
+PAPER_THRESHOLDS_GPT2: dict[int, float] = {0: 0.5, 1: 0.2, 2: 0.2, 3: 0.1, 4: 0.1, **{i: 0.05 for i in range(5, 12)}}
+
+
+def cosine_similarity(e: Float[np.ndarray, "n d"]) -> Float[np.ndarray, "n n"]:
+    """Pairwise cosine similarity of the rows of `e` (a zero row has similarity 0 to everything else, 1 to
+    itself), clipped to [-1, 1]."""
+    e = check_matrix("e", e)
+    norms = np.linalg.norm(e, axis=1, keepdims=True)  # [n, 1]
+    u = e / np.where(norms > 0, norms, 1.0)  # [n, d]
+    sim = np.clip(u @ u.T, -1.0, 1.0)  # [n, n]
+    np.fill_diagonal(sim, 1.0)
+    return sim
+
+
+def canonical_labels(labels: Int[np.ndarray, "n"]) -> Int[np.ndarray, "n"]:
+    """Relabel clusters by size: 0 = largest, ties broken by first member; -1 (noise) become singletons."""
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    labels = labels.copy()
+    noise = labels < 0
+    if noise.any():
+        labels[noise] = labels.max(initial=-1) + 1 + np.arange(int(noise.sum()))
+    _, first, inverse, counts = np.unique(labels, return_index=True, return_inverse=True, return_counts=True)
+    order = np.lexsort((first, -counts))  # clusters by size desc, then first member
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return rank[inverse.reshape(-1)].astype(np.int64)
+
+
+def _check_threshold(method: str, threshold: Any, n: int) -> float:
+    if threshold is None:
+        return DEFAULT_THRESHOLDS[method]
+    if method == "hdbscan":
+        return check_int_range("threshold", threshold, 2, max(2, n), what="(HDBSCAN's min_cluster_size, at most n)")
+    if method == "adaptive":
+        return check_float_range("threshold", threshold, 0.0, 2.0, low_open=True)
+    return check_float_range("threshold", threshold, -1.0, 1.0)
+
+
+def _average_linkage_cut(sim: np.ndarray, t: float) -> np.ndarray:
+    """Average-linkage clusters of a similarity matrix, merging while mean similarity >= t."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    dist = np.clip(squareform(1.0 - sim, checks=False), 0.0, 2.0)  # condensed [n (n - 1) / 2]
+    tree = linkage(dist, method="average")
+    # fcluster keeps merges with height <= 1 - t, i.e. mean similarity >= t
+    return fcluster(tree, t=1.0 - t, criterion="distance")
+
+
+def neighbour_similarity(sim: Float[np.ndarray, "n n"], k: int = ADAPTIVE_NEIGHBOURS) -> float:
+    """The adaptive method's scale: median over rows of the mean similarity to the `k` nearest others."""
+    n = sim.shape[0]
+    k = max(1, min(k, n - 1))
+    others = sim - 3.0 * np.eye(n)  # push the diagonal below every real similarity
+    nearest = np.partition(others, n - k, axis=1)[:, n - k :]  # [n, k]
+    return float(np.median(nearest.mean(axis=1)))
+
+
+def cluster(
+    e: Float[np.ndarray, "n d"],
+    method: str | None = None,
+    threshold: float | int | None = None,
+) -> Int[np.ndarray, "n"]:
+    """Cluster embeddings by cosine similarity.
+
+    Args:
+        e: embeddings `[n, d]` (numpy or torch), finite.
+        method: one of `METHODS`; `None` for `DEFAULT_METHOD`.
+        threshold: the method's setting: a cosine similarity in [-1, 1] for `"threshold"` and
+            `"agglomerative"`, a factor in (0, 2] of the neuron's neighbour similarity for `"adaptive"`,
+            `min_cluster_size >= 2` for `"hdbscan"`; `None` for `DEFAULT_THRESHOLDS[method]`.
+
+    Returns:
+        int64 labels `[n]`: 0 = largest cluster, noise as singletons, never -1.
+
+    Raises:
+        ValueError: `e` not 2-D or not finite, unknown method, threshold out of range.
+    """
+    e = check_matrix("e", e)
+    method = check_choice("method", DEFAULT_METHOD if method is None else method, METHODS)
+    n = e.shape[0]
+    t = _check_threshold(method, threshold, n)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if n == 1:
+        return np.zeros(1, dtype=np.int64)
+    sim = cosine_similarity(e)  # [n, n]
+    if method == "threshold":
+        from scipy.sparse import csr_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        _, labels = connected_components(csr_matrix(sim >= t), directed=False)
+    elif method == "agglomerative":
+        labels = _average_linkage_cut(sim, t)
+    elif method == "adaptive":
+        ref = neighbour_similarity(sim)
+        labels = _average_linkage_cut(sim, t * ref) if ref > 0 else np.arange(n)
+    else:
+        from sklearn.cluster import HDBSCAN
+
+        if n <= int(t):
+            labels = np.full(n, -1)  # too few points for one cluster of min_cluster_size
+        else:
+            dist = np.clip(1.0 - sim, 0.0, 2.0)  # [n, n]
+            labels = HDBSCAN(min_cluster_size=int(t), metric="precomputed", copy=True).fit_predict(dist)
+    return canonical_labels(labels)
+
+
+def _check_labels(labels: Any, n: int | None = None) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        fail("labels", "be 1-D [n]", f"shape {labels.shape}")
+    if labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0):
+        fail("labels", "hold non-negative integer cluster labels (as `cluster` returns)", f"dtype {labels.dtype}, min {labels.min()}")
+    if n is not None and len(labels) != n:
+        fail("labels", f"have one label per row of `e` ({n})", len(labels))
+    return labels.astype(np.int64)
+
+
+def central_example(e: Float[np.ndarray, "n d"], labels: Int[np.ndarray, "n"]) -> Int[np.ndarray, "n_clusters"]:
+    """Index of the central member of cluster 0, 1, ...: the member with the highest mean cosine
+    similarity to the other members (a singleton is its own centre; ties go to the first member).
+
+    Args:
+        e: embeddings `[n, d]`.
+        labels: cluster labels `[n]` in 0..n_clusters-1 (as `cluster` returns).
+
+    Returns:
+        `[n_clusters]` row indices into `e`; a label with no member gets -1.
+    """
+    e = check_matrix("e", e)
+    labels = _check_labels(labels, e.shape[0])
+    if labels.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    sim = cosine_similarity(e)  # [n, n]
+    centres = np.full(int(labels.max()) + 1, -1, dtype=np.int64)
+    for c in range(len(centres)):
+        members = np.flatnonzero(labels == c)
+        if len(members) == 0:
+            continue
+        if len(members) <= 2:
+            centres[c] = members[0]
+            continue
+        sub = sim[np.ix_(members, members)]  # [m, m]
+        mean_other = (sub.sum(axis=1) - 1.0) / (len(members) - 1)  # [m] without the self-similarity
+        centres[c] = members[int(np.argmax(mean_other))]
+    return centres
+
+
+def effective_n_clusters(labels: Int[np.ndarray, "n"]) -> float:
+    """Effective number of clusters: `exp(entropy)` of the size shares of the non-singleton clusters.
+
+    Equal-sized clusters give their count; one dominant cluster gives about 1; 0.0 when every example is
+    a singleton (no cluster at all).
+    """
+    labels = _check_labels(labels)
+    sizes = np.bincount(labels) if labels.size else np.zeros(0, dtype=np.int64)
+    sizes = sizes[sizes >= 2]
+    if sizes.size == 0:
+        return 0.0
+    p = sizes / sizes.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def monosemanticity(e: Float[np.ndarray, "n d"]) -> float:
+    """Mean pairwise cosine similarity of the rows of `e` (pairs a != b); NaN for fewer than 2 rows."""
+    e = check_matrix("e", e)
+    n = e.shape[0]
+    if n < 2:
+        return float("nan")
+    sim = cosine_similarity(e)
+    return float((sim.sum() - n) / (n * (n - 1)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Planted features: the ground truth the default is chosen on
+
+
+@dataclass(frozen=True)
+class PlantedFeatures:
+    """Synthetic examples of one neuron drawn from known features.
+
+    Attributes:
+        e: embeddings `[n, d]`.
+        labels: true labels `[n]`: features 0..n_features-1, then one label per outlier.
+        n_features: number of planted features.
+        is_outlier: `[n]` bool.
+        settings: the generator's arguments.
+    """
+
+    e: np.ndarray
+    labels: np.ndarray
+    n_features: int
+    is_outlier: np.ndarray
+    settings: dict = field(default_factory=dict)
+
+
+def make_planted_features(
+    n: int = 128,
+    d: int = 64,
+    n_features: int = 3,
+    *,
+    shared: float = 0.5,
+    noise: float = 0.5,
+    outlier_frac: float = 0.05,
+    min_size: int = 5,
+    seed: int | None = 0,
+) -> PlantedFeatures:
+    """Draw a neuron's examples from planted features that share a common direction (like `make_blobs`).
+
+    Feature k has a unit centre `c_k = sqrt(shared) s + sqrt(1 - shared) f_k` with `s, f_1, ...`
+    orthonormal, so any two centres have cosine `shared` (all examples of a neuron push it up alike).
+    An example of feature k is `r (c_k + noise g)` with `g ~ N(0, I_d / d)` (norm about 1) and a random
+    positive scale `r`; so two examples of one feature have cosine about `1 / (1 + noise^2)` and of two
+    features about `shared / (1 + noise^2)`. Outliers use a fresh direction in place of `f_k`. Feature
+    sizes are unequal (Dirichlet), each at least `min_size`.
+
+    Args:
+        n: examples; d: dimension (`d >= n_features + 2` so the directions fit, plus outliers).
+        n_features: planted features (>= 1).
+        shared: cosine between feature centres, in [0, 1).
+        noise: within-feature noise norm relative to the centre, >= 0.
+        outlier_frac: share of examples that are outliers, in [0, 0.5].
+        min_size: smallest feature size.
+        seed: random seed.
+
+    Returns:
+        `PlantedFeatures`.
+    """
+    n_features = check_int_range("n_features", n_features, 1, 1000)
+    shared = check_float_range("shared", shared, 0.0, 1.0, high_open=True)
+    noise = check_float_range("noise", noise, 0.0, 100.0)
+    outlier_frac = check_float_range("outlier_frac", outlier_frac, 0.0, 0.5)
+    min_size = check_int_range("min_size", min_size, 1, 10_000)
+    n_outliers = int(round(outlier_frac * n))
+    n = check_int_range("n", n, n_features * min_size + n_outliers, 1_000_000,
+                        what=f"(n_features * min_size + outliers)")
+    d = check_int_range("d", d, n_features + 1 + max(1, n_outliers), 100_000, what="(room for the directions)")
+    rng = np.random.default_rng(seed)
+    n_dirs = 1 + n_features + n_outliers
+    basis, _ = np.linalg.qr(rng.standard_normal((d, n_dirs)))  # [d, n_dirs] orthonormal columns
+    s, f, o = basis[:, 0], basis[:, 1 : 1 + n_features], basis[:, 1 + n_features :]
+    centres = np.sqrt(shared) * s[:, None] + np.sqrt(1 - shared) * f  # [d, n_features]
+    spare = n - n_outliers - n_features * min_size
+    extra = rng.multinomial(spare, rng.dirichlet(np.full(n_features, 2.0)))
+    sizes = min_size + extra  # [n_features]
+    labels = np.repeat(np.arange(n_features), sizes)
+    mean = centres[:, labels].T  # [n - n_outliers, d]
+    if n_outliers:
+        out_centres = (np.sqrt(shared) * s[:, None] + np.sqrt(1 - shared) * o[:, :n_outliers]).T  # [n_outliers, d]
+        mean = np.vstack([mean, out_centres])
+        labels = np.concatenate([labels, n_features + np.arange(n_outliers)])
+    x = mean + noise * rng.standard_normal((n, d)) / np.sqrt(d)  # [n, d]
+    x *= rng.lognormal(0.0, 0.3, size=(n, 1))
+    perm = rng.permutation(n)
+    settings = dict(n=n, d=d, n_features=n_features, shared=shared, noise=noise, outlier_frac=outlier_frac,
+                    min_size=min_size, seed=seed)
+    return PlantedFeatures(e=x[perm], labels=labels[perm], n_features=n_features,
+                           is_outlier=(labels >= n_features)[perm], settings=settings)
+
+
+def _random_settings(rng: np.random.Generator, n_features: tuple[int, int], noise: tuple[float, float]) -> dict:
+    """One draw of planted-feature settings (see `compare_methods`)."""
+    return dict(
+        n=int(rng.choice([64, 128, 256])),
+        d=int(rng.choice([32, 64, 128])),
+        n_features=int(rng.integers(n_features[0], n_features[1] + 1)),
+        shared=float(rng.uniform(0.2, 0.7)),
+        noise=float(rng.uniform(*noise)),
+        outlier_frac=float(rng.uniform(0.0, 0.1)),
+    )
+
+
+DEFAULT_GRID: dict[str, list[float]] = {
+    "adaptive": [0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9],
+    "agglomerative": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+    "threshold": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+    "hdbscan": [2, 3, 5, 8],
+}
+
+
+def compare_methods(
+    grid: dict[str, list[float]] | None = None,
+    *,
+    n_draws: int = 50,
+    n_features: tuple[int, int] = (2, 5),
+    noise: tuple[float, float] = (0.3, 1.0),
+    seed: int = 0,
+) -> Any:
+    """Adjusted Rand index of each (method, threshold) against planted features over random draws.
+
+    Each draw picks n in {64, 128, 256}, d in {32, 64, 128}, a number of features in `n_features`,
+    shared in [0.2, 0.7], noise in `noise` (so two examples of one feature have cosine about
+    1 / (1 + noise^2): 0.5 to 0.92 by default) and 0-10% outliers; every (method, threshold) clusters the
+    same draws.
+
+    Args:
+        grid: `{method: [thresholds]}`; default `DEFAULT_GRID` (all `METHODS`).
+        n_draws: number of random draws.
+        n_features: inclusive range of planted features per draw.
+        noise: range of the within-feature noise.
+        seed: seed of the draws.
+
+    Returns:
+        DataFrame, one row per (method, threshold, draw): `method, threshold, draw, ari, n_clusters` plus
+        the draw's settings.
+    """
+    import pandas as pd
+    from sklearn.metrics import adjusted_rand_score
+
+    grid = DEFAULT_GRID if grid is None else grid
+    for method in grid:
+        check_choice("method", method, METHODS)
+    n_draws = check_int_range("n_draws", n_draws, 1, 100_000)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for draw in range(n_draws):
+        kw = _random_settings(rng, n_features, noise)
+        planted = make_planted_features(**kw, seed=int(rng.integers(2**31)))
+        for method, thresholds in grid.items():
+            for t in thresholds:
+                labels = cluster(planted.e, method=method, threshold=t)
+                rows.append(dict(method=method, threshold=t, draw=draw,
+                                 ari=adjusted_rand_score(planted.labels, labels),
+                                 n_clusters=int(labels.max()) + 1, **kw))
+    return pd.DataFrame(rows)
