@@ -41,13 +41,14 @@ def _perturbed(model, layer: int, neuron: int, delta: float):
     """Add `delta` to one MLP input bias of the model in place (the GPT-2 `c_fc` weights the bridge runs);
     restore it afterwards."""
     bias = model.original_model.transformer.h[layer].mlp.c_fc.bias
+    saved = bias.detach().clone()
     with torch.no_grad():
         bias[neuron] += delta
     try:
         yield
     finally:
         with torch.no_grad():
-            bias[neuron] -= delta
+            bias.copy_(saved)  # exact restore (adding and subtracting delta would round)
 
 
 def _count_batches(monkeypatch) -> list[int]:
