@@ -57,9 +57,11 @@ def threshold_range(method: str) -> tuple[float, float, float, float]:
     """Slider `(min, max, step, default)` of `threshold` for a clustering method (see `clustering.cluster`)."""
     method = check_choice("method", method, clustering.METHODS)
     defaults = getattr(clustering, "DEFAULT_THRESHOLDS", {})
-    if method == "hdbscan":
+    if method == "hdbscan":  # min_cluster_size
         return 2.0, 30.0, 1.0, float(defaults.get(method, 5))
-    return 0.0, 1.0, 0.01, float(defaults.get(method, 0.5))
+    if method == "adaptive":  # a multiple of the neuron's own neighbour similarity
+        return 0.05, 2.0, 0.05, float(defaults.get(method, 0.7))
+    return 0.0, 1.0, 0.01, float(defaults.get(method, 0.5))  # a cosine similarity
 
 
 @dataclass
@@ -129,6 +131,7 @@ class Explorer:
         before: int = 20,
         after: int = 10,
         seed: int = 0,
+        polysemy: pd.DataFrame | None = None,
     ) -> None:
         import ipywidgets as w
 
@@ -143,6 +146,9 @@ class Explorer:
         self._neurons: dict[tuple[int, int], NeuronData] = {}
         self._importance: dict[tuple[int, int, int, int], np.ndarray] = {}
         self._polysemy: dict[int, pd.DataFrame] = {}
+        if polysemy is not None:  # tables already computed (e.g. by the notebook): the random button reuses them
+            for layer_id, rows in polysemy.groupby("layer"):
+                self._polysemy[int(layer_id)] = rows.reset_index(drop=True)
         self._similar: dict[int, Any] = {}
         self._str_tokens: dict[int, list[str]] = {}
         self._syncing = False
@@ -243,7 +249,8 @@ class Explorer:
         key = (layer, neuron)
         if key not in self._neurons:
             examples = self.top.neuron_examples(layer, neuron)[["window", "pos", "act"]].reset_index(drop=True)
-            wid, pos = examples["window"].to_numpy(), examples["pos"].to_numpy()
+            wid = np.array(examples["window"], dtype=np.int64)  # writable copies for torch
+            pos = np.array(examples["pos"], dtype=np.int64)
             width = self.windows.shape[1]
             if len(examples) == 0:
                 e = np.zeros((0, self.model.cfg.d_model))
@@ -570,7 +577,8 @@ def neuron_explorer(model: Any, windows: torch.Tensor, top: Any, **kwargs: Any) 
         windows: the token windows `[n_windows, window]` the collection ran on.
         top: `activations.collect_top_activations(model, windows)`.
         **kwargs: `layer`, `neuron` (default: the layer's neuron with most examples), `method`, `threshold`,
-            `max_examples` (20), `before` (20), `after` (10), `seed` (0); see `Explorer`.
+            `max_examples` (20), `before` (20), `after` (10), `seed` (0), `polysemy` (precomputed
+            `clustering.polysemy_table` rows for the random button); see `Explorer`.
 
     Returns:
         `ipywidgets.VBox`.

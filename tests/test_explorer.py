@@ -1,0 +1,226 @@
+"""Tests for nbutils.explorer: the per-neuron widget, driven through its callbacks and its widgets."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import pytest
+import torch
+import traitlets
+
+from nbutils import activations, clustering, embeddings, explorer
+
+
+@pytest.fixture(scope="module")
+def top(model, windows):
+    return activations.collect_top_activations(model, windows, k=32, use_cache=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def busy(top) -> tuple[int, int]:
+    """A neuron of layer 1 with the most examples (enough for UMAP)."""
+    rows = top.neurons[top.neurons["layer"] == 1].sort_values(["n_examples", "neuron"], ascending=[False, True])
+    neuron = int(rows.iloc[0]["neuron"])
+    assert int(rows.iloc[0]["n_examples"]) >= 10
+    return 1, neuron
+
+
+@pytest.fixture
+def ex(model, windows, top, busy):
+    return explorer.Explorer(model, windows, top, layer=busy[0], neuron=busy[1], seed=0)
+
+
+def _expected_titles(labels: np.ndarray) -> list[str]:
+    sizes = np.bincount(labels)
+    titles = [f"{c} ({sizes[c]})" for c in range(len(sizes)) if sizes[c] >= 2]
+    singles = int((sizes == 1).sum())
+    return titles + ([f"singletons ({singles})"] if singles else [])
+
+
+def _embeddings(model, windows, top, layer, neuron) -> np.ndarray:
+    rows = top.neuron_examples(layer, neuron)
+    wid, pos = np.array(rows["window"], dtype=np.int64), np.array(rows["pos"], dtype=np.int64)
+    return embeddings.neuron_embeddings(model, windows, layer, neuron, wid, pos).numpy()
+
+
+def test_explorer_shows_the_selected_neuron(ex, model, windows, top, busy):
+    layer, neuron = busy
+    e = _embeddings(model, windows, top, layer, neuron)
+    labels = clustering.cluster(e)  # the default method and threshold
+    np.testing.assert_array_equal(ex.state.labels, labels)
+    np.testing.assert_array_equal(ex.state.central, clustering.central_example(e, labels))
+    assert list(ex.tabs.titles) == _expected_titles(labels)  # one tab per cluster, singletons together
+    assert len(ex.tabs.children) == len(ex.tabs.titles)
+    summary = ex.summary.value
+    assert f"Layer {layer}, neuron {neuron}</b> · {len(e)} examples · {labels.max() + 1} clusters" in summary
+    assert f"effective clusters {clustering.effective_n_clusters(labels):.2f}" in summary
+    assert f"monosemanticity {clustering.monosemanticity(e):.2f}" in summary
+    assert ex.image.value[:8] == b"\x89PNG\r\n\x1a\n" and ex.image.layout.display is None
+    assert ex.state.history == [(layer, neuron)] and ex.back_button.disabled
+    assert ex.widget.explorer is ex
+
+
+def test_tab_lists_central_first_with_context_and_outlined_token(ex):
+    first = ex.tabs.children[0].children[-1].value
+    centre = int(ex.state.central[0])
+    data = ex.neuron_data(ex.state.layer, ex.state.neuron)
+    row = data.examples.iloc[centre]
+    heads = re.findall(r"(★ central · )?cluster (\d+) · act ([0-9.-]+) · window (\d+), token (\d+)", first)
+    assert heads[0][0] and (int(heads[0][3]), int(heads[0][4])) == (int(row["window"]), int(row["pos"]))
+    assert all(int(h[1]) == 0 for h in heads)  # tab 0 holds cluster 0 only
+    assert len(heads) == min(ex.max_examples, int((ex.state.labels == 0).sum()))
+    acts = [float(h[2]) for h in heads[1:]]
+    assert acts == sorted(acts, reverse=True)  # after the central example, highest activation first
+    # context: `before` tokens before the outlined token, `after` after it (fewer at the window's edges)
+    block = first.split("★ central")[1].split('<div style="margin:4px 0">')[0]
+    spans = re.findall(r'<span style="background-color[^"]*"', block)
+    pos = int(row["pos"])
+    assert len(spans) == min(pos, ex.before) + 1 + min(ex.windows.shape[1] - 1 - pos, ex.after)
+    assert block.count("outline:2px") == 1
+
+
+def test_layer_and_neuron_pickers(ex, model):
+    layer, neuron = ex.state.layer, ex.state.neuron
+    ex.layer_picker.value = 2  # same neuron index, new layer
+    assert (ex.state.layer, ex.state.neuron) == (2, neuron)
+    ex.neuron_picker.value = 7
+    assert (ex.state.layer, ex.state.neuron) == (2, 7)
+    assert ex.state.history == [(layer, neuron), (2, neuron), (2, 7)]
+    assert "L2/N7" in ex.history_line.value and not ex.back_button.disabled
+    # unknown values cannot be chosen: the neuron box clamps, the layer list rejects
+    ex.neuron_picker.value = 10**6
+    assert ex.state.neuron == model.cfg.d_mlp - 1
+    with pytest.raises(traitlets.TraitError):
+        ex.layer_picker.value = model.cfg.n_layers
+    assert ex.state.layer == 2
+    with pytest.raises(ValueError, match=r"`layer` must be in 0..3 for this model; got 9"):
+        explorer.on_layer(ex, 9)
+    with pytest.raises(ValueError, match=r"`neuron` must be in 0..511 for this model \(d_mlp\); got -1"):
+        explorer.on_neuron(ex, -1)
+
+
+def test_random_button_and_back(ex, model, windows, top):
+    start = (ex.state.layer, ex.state.neuron)
+    ex.random_button.click()
+    table = clustering.polysemy_table(model, windows, top, ex.state.layer)
+    picked = table[table["neuron"] == ex.state.neuron].iloc[0]
+    assert ex.state.neuron != start[1] and ex.state.layer == start[0]
+    assert picked["effective_clusters"] >= explorer.POLYSEMANTIC_MIN
+    assert len(ex.tabs.children) == len(_expected_titles(ex.state.labels))
+    second = (ex.state.layer, ex.state.neuron)
+    explorer.on_random(ex)
+    assert ex.state.history == [start, second, (ex.state.layer, ex.state.neuron)]
+    ex.back_button.click()
+    assert (ex.state.layer, ex.state.neuron) == second and ex.state.history == [start, second]
+    explorer.on_back(ex)
+    assert (ex.state.layer, ex.state.neuron) == start and ex.state.history == [start]
+    assert ex.back_button.disabled
+    explorer.on_back(ex)  # nothing before the start
+    assert ex.state.history == [start]
+    assert list(ex.neuron_picker.value for _ in [0]) == [start[1]]  # pickers follow the state
+
+
+def test_random_is_seeded(model, windows, top, busy):
+    picks = []
+    for _ in range(2):
+        ex = explorer.Explorer(model, windows, top, layer=busy[0], neuron=busy[1], seed=5)
+        explorer.on_random(ex)
+        picks.append(ex.state.neuron)
+    assert picks[0] == picks[1]
+
+
+def test_method_and_threshold_recluster_live(ex, model, windows, top):
+    e = _embeddings(model, windows, top, ex.state.layer, ex.state.neuron)
+    ex.method_picker.value = "threshold"
+    low, high, step, default = explorer.threshold_range("threshold")
+    slider = ex.threshold_slider
+    assert (slider.min, slider.max, slider.step, slider.value) == (low, high, step, default)
+    np.testing.assert_array_equal(ex.state.labels, clustering.cluster(e, "threshold", default))
+    n_before = int(ex.state.labels.max()) + 1
+    slider.value = 0.99  # a stricter cosine threshold: at least as many components
+    np.testing.assert_array_equal(ex.state.labels, clustering.cluster(e, "threshold", 0.99))
+    assert int(ex.state.labels.max()) + 1 >= n_before
+    assert list(ex.tabs.titles) == _expected_titles(ex.state.labels)
+    assert "threshold at 0.99" in ex.summary.value
+    explorer.on_method(ex, "hdbscan")
+    assert slider.step == 1.0 and slider.value == explorer.threshold_range("hdbscan")[3]
+    np.testing.assert_array_equal(ex.state.labels, clustering.cluster(e, "hdbscan", int(slider.value)))
+    explorer.on_threshold(ex, 4)
+    np.testing.assert_array_equal(ex.state.labels, clustering.cluster(e, "hdbscan", 4))
+    # the setting stays when the neuron changes
+    explorer.on_neuron(ex, ex.state.neuron + 1)
+    assert (ex.state.method, ex.state.threshold) == ("hdbscan", 4.0)
+    with pytest.raises(ValueError, match="`method` must be one of 'adaptive', 'agglomerative', 'threshold', 'hdbscan'"):
+        explorer.on_method(ex, "kmeans")
+
+
+def test_importance_toggle_colours_the_open_tab(ex, model, windows):
+    from nbutils import importance
+
+    ex.mode_toggle.value = "importance"
+    html = ex.tabs.children[0].children[-1].value
+    assert "tokens coloured by importance" in html and "title=\"importance" in html
+    shown = len(re.findall(r"window (\d+), token (\d+)", html))
+    assert len(ex._importance) == shown  # computed for the open tab only, then cached
+    if len(ex.tabs.children) > 1:
+        assert "computed when this tab is opened" in ex.tabs.children[1].children[0].value
+        ex.tabs.selected_index = 1
+        assert "title=\"importance" in ex.tabs.children[1].children[-1].value
+    # the values shown are `importance.token_importance` of that example
+    window, pos = map(int, re.search(r"window (\d+), token (\d+)", html).groups())
+    expected = importance.token_importance(model, windows[window], pos, ex.state.layer, ex.state.neuron)
+    np.testing.assert_allclose(ex.importance_of(ex.state.layer, ex.state.neuron, window, pos), expected)
+    ex.mode_toggle.value = "activation"
+    assert "title=\"activation" in ex.tabs.children[0].children[-1].value
+
+
+def test_similar_feature_buttons_jump_to_their_neuron(ex):
+    buttons = [b for b in ex.tabs.children[0].children[0].children if hasattr(b, "click")]
+    assert 0 < len(buttons) <= explorer._N_SIMILAR
+    target = re.match(r"L(\d+)/N(\d+)", buttons[0].description)
+    start = (ex.state.layer, ex.state.neuron)
+    assert int(target.group(2)) != start[1]  # other neurons only
+    buttons[0].click()
+    assert (ex.state.layer, ex.state.neuron) == (int(target.group(1)), int(target.group(2)))
+    assert ex.state.history == [start, (ex.state.layer, ex.state.neuron)]
+
+
+def test_dead_neuron_shows_a_message(model, windows, top, busy):
+    layer, neuron = busy
+    act = top.act.clone()
+    act[layer, neuron] = -0.5  # highest activation <= 0: dead
+    dead_top = dataclasses.replace(top, act=act, _tables={})
+    ex = explorer.Explorer(model, windows, dead_top, layer=layer, neuron=neuron)
+    assert f"Neuron {neuron} of layer {layer} is dead" in ex.summary.value
+    assert len(ex.tabs.children) == 0 and ex.image.layout.display == "none" and ex.image.value == b""
+    assert ex.figure() is None
+    explorer.on_neuron(ex, (neuron + 1) % model.cfg.d_mlp)  # a live neuron clears the message
+    assert "dead" not in ex.summary.value and len(ex.tabs.children) > 0
+
+
+def test_too_few_examples_use_the_fallback_map(model, windows):
+    few = activations.collect_top_activations(model, windows, k=6, use_cache=False, progress=False)
+    ex = explorer.Explorer(model, windows, few, layer=0)
+    assert "too few examples for UMAP" in ex.summary.value
+    assert ex.figure().axes[0].get_xlabel() == "PC 1"
+
+
+def test_static_views(ex):
+    report = ex.report_html()
+    assert report.startswith('<div style="margin:8px 0"><b>Layer')
+    assert report.count("<b>Cluster ") == len(ex.tabs.children)
+    fig = ex.figure()
+    assert fig.axes[0].get_title().startswith(f"Layer {ex.state.layer}, neuron {ex.state.neuron}: ")
+    with pytest.raises(ValueError, match="`mode` must be one of 'activation', 'importance'"):
+        ex.report_html(mode="size")
+
+
+def test_explorer_bad_input(model, windows, top):
+    with pytest.raises(ValueError, match="`max_examples` must be in 1..1000; got 0"):
+        explorer.Explorer(model, windows, top, max_examples=0)
+    with pytest.raises(ValueError, match="`windows` must hold integer token ids; got dtype torch.float32"):
+        explorer.Explorer(model, windows.float(), top)
+    with pytest.raises(ValueError, match=r"`neuron` must be in 0..511"):
+        explorer.neuron_explorer(model, windows, top, neuron=512)
