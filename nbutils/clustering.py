@@ -54,6 +54,10 @@ __all__ = [
     "PlantedFeatures",
     "make_planted_features",
     "compare_methods",
+    "example_text",
+    "neuron_clusters",
+    "polysemy_table",
+    "POLYSEMY_COLUMNS",
 ]
 
 METHODS: tuple[str, ...] = ("adaptive", "agglomerative", "threshold", "hdbscan")
@@ -95,7 +99,7 @@ def _check_threshold(method: str, threshold: Any, n: int) -> float:
     if threshold is None:
         return DEFAULT_THRESHOLDS[method]
     if method == "hdbscan":
-        return check_int_range("threshold", threshold, 2, max(2, n), what="(HDBSCAN's min_cluster_size, at most n)")
+        return check_int_range("threshold", threshold, 2, 10**9, what="(HDBSCAN's min_cluster_size)")
     if method == "adaptive":
         return check_float_range("threshold", threshold, 0.0, 2.0, low_open=True)
     return check_float_range("threshold", threshold, -1.0, 1.0)
@@ -149,7 +153,14 @@ def cluster(
         return np.zeros(0, dtype=np.int64)
     if n == 1:
         return np.zeros(1, dtype=np.int64)
-    sim = cosine_similarity(e)  # [n, n]
+    return _labels_from_similarity(cosine_similarity(e), method, t)
+
+
+def _labels_from_similarity(sim: Float[np.ndarray, "n n"], method: str, t: float) -> Int[np.ndarray, "n"]:
+    """`cluster` on a precomputed cosine similarity matrix (method and threshold already checked)."""
+    n = sim.shape[0]
+    if n <= 1:
+        return np.zeros(n, dtype=np.int64)
     if method == "threshold":
         from scipy.sparse import csr_matrix
         from scipy.sparse.csgraph import connected_components
@@ -197,18 +208,19 @@ def central_example(e: Float[np.ndarray, "n d"], labels: Int[np.ndarray, "n"]) -
     labels = _check_labels(labels, e.shape[0])
     if labels.size == 0:
         return np.zeros(0, dtype=np.int64)
-    sim = cosine_similarity(e)  # [n, n]
-    centres = np.full(int(labels.max()) + 1, -1, dtype=np.int64)
-    for c in range(len(centres)):
-        members = np.flatnonzero(labels == c)
-        if len(members) == 0:
-            continue
-        if len(members) <= 2:
-            centres[c] = members[0]
-            continue
-        sub = sim[np.ix_(members, members)]  # [m, m]
-        mean_other = (sub.sum(axis=1) - 1.0) / (len(members) - 1)  # [m] without the self-similarity
-        centres[c] = members[int(np.argmax(mean_other))]
+    return _central_from_similarity(cosine_similarity(e), labels)
+
+
+def _central_from_similarity(sim: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    n_clusters = int(labels.max()) + 1
+    same = labels[:, None] == labels[None, :]  # [n, n]
+    sizes = np.bincount(labels, minlength=n_clusters)  # [n_clusters]
+    score = ((sim * same).sum(axis=1) - 1.0) / np.maximum(sizes[labels] - 1, 1)  # [n] mean sim to the others
+    order = np.lexsort((np.arange(len(labels)), -score, labels))  # by cluster, best score, first member
+    first = np.searchsorted(labels[order], np.arange(n_clusters))  # first row of each cluster in `order`
+    centres = np.full(n_clusters, -1, dtype=np.int64)
+    present = sizes > 0
+    centres[present] = order[first[present]]
     return centres
 
 
@@ -233,8 +245,12 @@ def monosemanticity(e: Float[np.ndarray, "n d"]) -> float:
     n = e.shape[0]
     if n < 2:
         return float("nan")
-    sim = cosine_similarity(e)
-    return float((sim.sum() - n) / (n * (n - 1)))
+    return _mono_from_similarity(cosine_similarity(e))
+
+
+def _mono_from_similarity(sim: np.ndarray) -> float:
+    n = sim.shape[0]
+    return float((sim.sum() - n) / (n * (n - 1))) if n >= 2 else float("nan")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,3 +405,217 @@ def compare_methods(
                                  ari=adjusted_rand_score(planted.labels, labels),
                                  n_clusters=int(labels.max()) + 1, **kw))
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Neurons of a model: one neuron's clusters, the polysemy table of a layer
+
+
+def _layer_examples(top: Any, windows: Any, layer: int) -> "Any":
+    """The rows of `top.examples` of one layer, checked against `windows`."""
+    table = top.examples
+    ex = table[table["layer"].to_numpy() == layer]
+    if len(ex) and int(ex["window"].max()) >= windows.shape[0]:
+        fail("windows", f"hold every window that `top` refers to (ids up to {int(ex['window'].max())})",
+             f"{windows.shape[0]} windows", "Pass the windows `top` was collected on.")
+    return ex
+
+
+def _check_top(model: Any, top: Any) -> None:
+    if not hasattr(top, "examples") or not hasattr(top, "neuron_examples"):
+        raise TypeError(f"`top` must be a TopActivations (`activations.collect_top_activations`); got {type(top).__name__}.")
+    if (top.n_layers, top.d_mlp) != (model.cfg.n_layers, model.cfg.d_mlp):
+        fail("top", f"come from this model ({model.cfg.n_layers} layers x {model.cfg.d_mlp} neurons)",
+             f"{top.n_layers} x {top.d_mlp}")
+
+
+def _dead_error(top: Any, layer: int, neuron: int) -> None:
+    max_act = float(top.max_act[layer, neuron])
+    fail("neuron", "have examples to cluster",
+         f"neuron {neuron} of layer {layer}, which is dead (its highest activation over the corpus is {max_act:.3g} <= 0)",
+         "Pick a live neuron: `top.neurons` lists them with `dead == False`.")
+
+
+def example_text(model: Any, windows: Any, window_ids: Any, positions: Any, *, context: int = 12) -> list[str]:
+    """Text of each example: up to `context` tokens ending at (and including) the activating token."""
+    tokenizer = model.tokenizer
+    out = []
+    for w, p in zip(np.asarray(window_ids), np.asarray(positions)):
+        ids = windows[int(w), max(0, int(p) - context + 1) : int(p) + 1].tolist()
+        out.append(tokenizer.decode(ids))
+    return out
+
+
+def neuron_clusters(
+    model: Any,
+    windows: Any,
+    top: Any,
+    layer: int,
+    neuron: int,
+    *,
+    method: str | None = None,
+    threshold: float | int | None = None,
+    fold_ln: bool = True,
+    context: int = 12,
+) -> "Any":
+    """Cluster one neuron's top examples by their neuron embeddings.
+
+    Args:
+        model: a TransformerBridge (`models.load_model`).
+        windows: the token windows `[n_windows, window]` that `top` was collected on.
+        top: `TopActivations` (`activations.collect_top_activations`).
+        layer, neuron: the neuron.
+        method, threshold: as in `cluster` (`None`: the measured default).
+        fold_ln: LayerNorm convention of the embeddings (`embeddings` module).
+        context: tokens of text shown per example, ending at the activating token.
+
+    Returns:
+        DataFrame, one row per example, highest activation first: `window, pos, act, cluster,
+        is_central, text, token` (`token` is the activating token's text).
+
+    Raises:
+        ValueError: layer or neuron out of range, a dead neuron (no examples), bad method or threshold.
+    """
+    import pandas as pd
+
+    from nbutils import embeddings
+    from nbutils.models import check_layer, check_neuron, check_windows
+
+    layer, neuron = check_layer(model, layer), check_neuron(model, neuron)
+    _check_top(model, top)
+    method = check_choice("method", DEFAULT_METHOD if method is None else method, METHODS)
+    ex = top.neuron_examples(layer, neuron)
+    t = _check_threshold(method, threshold, len(ex))
+    if len(ex) == 0:
+        _dead_error(top, layer, neuron)
+    _layer_examples(top, windows, layer)
+    windows = check_windows(model, windows)
+    W, _ = embeddings.mlp_in_weights(model, layer, fold_ln=fold_ln)
+    h = _pre_mlp_vectors(model, windows, layer, ex["window"].to_numpy(), ex["pos"].to_numpy(), fold_ln=fold_ln)
+    e = h * W[:, neuron].numpy().astype(np.float64)  # [n, d_model] neuron embeddings
+    sim = cosine_similarity(e)  # [n, n]
+    labels = _labels_from_similarity(sim, method, t)
+    centres = _central_from_similarity(sim, labels)
+    is_central = np.zeros(len(ex), dtype=bool)
+    is_central[centres] = True
+    tokens = windows[_torch_index(ex["window"]), _torch_index(ex["pos"])].tolist()
+    return pd.DataFrame({
+        "window": ex["window"].to_numpy(),
+        "pos": ex["pos"].to_numpy(),
+        "act": ex["act"].to_numpy(),
+        "cluster": labels,
+        "is_central": is_central,
+        "text": example_text(model, windows, ex["window"], ex["pos"], context=context),
+        "token": [model.tokenizer.decode([tok]) for tok in tokens],
+    })
+
+
+def _torch_index(values: Any) -> Any:
+    import torch
+
+    return torch.as_tensor(np.array(values, dtype=np.int64))
+
+
+_LENGTH_STEP = 8  # windows run only up to their last needed position, rounded up to a multiple of this
+
+
+def _pre_mlp_vectors(
+    model: Any, windows: Any, layer: int, window_ids: np.ndarray, positions: np.ndarray, *, fold_ln: bool,
+    batch_size: int = 64,
+) -> Float[np.ndarray, "n d_model"]:
+    """`embeddings.pre_mlp_vectors` at (window_ids[i], positions[i]), running each window only up to the
+    last position needed from it: the model is causal, so later tokens cannot change h. Windows are grouped
+    by that length (in steps of `_LENGTH_STEP`), one batched pass per group; each window runs once."""
+    from nbutils import embeddings
+
+    window_ids, positions = np.asarray(window_ids, dtype=np.int64), np.asarray(positions, dtype=np.int64)
+    out = np.zeros((len(window_ids), model.cfg.d_model), dtype=np.float64)  # [n, d_model]
+    if len(window_ids) == 0:
+        return out
+    unique, inverse = np.unique(window_ids, return_inverse=True)
+    need = np.zeros(len(unique), dtype=np.int64)
+    np.maximum.at(need, inverse, positions + 1)  # tokens needed from each window
+    length = np.minimum(-(-need // _LENGTH_STEP) * _LENGTH_STEP, windows.shape[1])  # [n_unique]
+    for L in np.unique(length):
+        group = np.flatnonzero(length == L)  # unique windows of this length
+        rows = np.flatnonzero(np.isin(inverse, group))  # examples from them
+        local = np.searchsorted(group, inverse[rows])  # their row in the sub-batch
+        sub = windows[_torch_index(unique[group]), : int(L)]  # [n_group, L]
+        h = embeddings.pre_mlp_vectors(model, sub, layer, local, positions[rows], fold_ln=fold_ln,
+                                       batch_size=batch_size)
+        out[rows] = h.numpy()
+    return out
+
+
+POLYSEMY_COLUMNS = ("layer", "neuron", "n_examples", "n_clusters", "n_singletons", "effective_clusters",
+                    "monosemanticity", "dead")
+
+
+def polysemy_table(
+    model: Any,
+    windows: Any,
+    top: Any,
+    layer: int,
+    *,
+    method: str | None = None,
+    threshold: float | int | None = None,
+    fold_ln: bool = True,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> "Any":
+    """Polysemy of every neuron of one layer, from the clusters of its neuron embeddings.
+
+    The pre-MLP vectors h of all the layer's examples are read in one batched pass over the windows they
+    come from (each window runs once, up to `layer`); each neuron's embeddings are then `h ⊙ w_neuron`.
+
+    Args:
+        model, windows, top: as in `neuron_clusters`.
+        layer: MLP layer.
+        method, threshold: as in `cluster`.
+        fold_ln: LayerNorm convention of the embeddings.
+        batch_size: windows per forward pass.
+        progress: show a tqdm bar over neurons.
+
+    Returns:
+        DataFrame, one row per neuron of the layer: `layer, neuron, n_examples, n_clusters, n_singletons,
+        effective_clusters` (`effective_n_clusters`), `monosemanticity` (mean pairwise cosine; NaN with
+        fewer than 2 examples) and `dead` (no examples: counts 0, effective_clusters 0.0, NaN).
+    """
+    import pandas as pd
+    from threadpoolctl import threadpool_limits
+    from tqdm.auto import tqdm
+
+    from nbutils import embeddings
+    from nbutils.models import check_layer, check_windows
+
+    layer = check_layer(model, layer)
+    _check_top(model, top)
+    windows = check_windows(model, windows)
+    method = check_choice("method", DEFAULT_METHOD if method is None else method, METHODS)
+    t = _check_threshold(method, threshold, 0)
+    ex = _layer_examples(top, windows, layer)
+    n_pos = windows.shape[1]
+    key = ex["window"].to_numpy() * n_pos + ex["pos"].to_numpy()  # one key per (window, pos)
+    unique, inverse = np.unique(key, return_inverse=True)
+    h = _pre_mlp_vectors(model, windows, layer, unique // n_pos, unique % n_pos, fold_ln=fold_ln,
+                         batch_size=batch_size)  # [n_unique, d_model]
+    W, _ = embeddings.mlp_in_weights(model, layer, fold_ln=fold_ln)
+    W = W.numpy().astype(np.float64)  # [d_model, d_mlp]
+    neurons = ex["neuron"].to_numpy()
+    d_mlp = model.cfg.d_mlp
+    bounds = np.searchsorted(neurons, np.arange(d_mlp + 1))  # rows of each neuron (examples sorted by neuron)
+    rows = []
+    with threadpool_limits(1):  # tiny matrices: BLAS threads only add overhead
+        for neuron in tqdm(range(d_mlp), desc=f"layer {layer} clusters", disable=not progress):
+            idx = inverse[bounds[neuron] : bounds[neuron + 1]]
+            n = len(idx)
+            if n == 0:
+                rows.append((layer, neuron, 0, 0, 0, 0.0, float("nan"), True))
+                continue
+            e = h[idx] * W[:, neuron]  # [n, d_model]
+            sim = cosine_similarity(e)
+            labels = _labels_from_similarity(sim, method, t)
+            sizes = np.bincount(labels)
+            rows.append((layer, neuron, n, len(sizes), int((sizes == 1).sum()), effective_n_clusters(labels),
+                         _mono_from_similarity(sim), False))
+    return pd.DataFrame(rows, columns=list(POLYSEMY_COLUMNS))

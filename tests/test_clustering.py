@@ -78,7 +78,7 @@ def test_cluster_errors():
         clustering.cluster(good, method="threshold", threshold=1.5)
     with pytest.raises(ValueError, match=r"`threshold` must be in \(0.0, 2.0\]; got 0.0"):
         clustering.cluster(good, method="adaptive", threshold=0.0)
-    with pytest.raises(ValueError, match=r"`threshold` must be in 2..6 \(HDBSCAN's min_cluster_size"):
+    with pytest.raises(ValueError, match=r"`threshold` must be in 2..1000000000 \(HDBSCAN.s min_cluster_size\); got 1"):
         clustering.cluster(good, method="hdbscan", threshold=1)
     with pytest.raises(TypeError, match="`threshold` must be an integer"):
         clustering.cluster(good, method="hdbscan", threshold=0.5)
@@ -162,3 +162,108 @@ def test_default_keeps_single_feature_together():
         p = clustering.make_planted_features(n=128, d=64, n_features=1, noise=0.7, outlier_frac=0.0, seed=seed)
         fractions.append(np.mean(clustering.cluster(p.e) == 0))
     assert np.mean(fractions) >= 0.95  # measured 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# neurons of the default model: neuron_clusters and polysemy_table
+
+
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def top(model, windows):
+    from nbutils import activations
+
+    return activations.collect_top_activations(model, windows, k=16, frac=0.5, use_cache=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def table(model, windows, top):
+    return clustering.polysemy_table(model, windows, top, LAYER)
+
+
+def _live_neurons(top, layer, n=4):
+    neurons = top.neurons
+    live = neurons[(neurons.layer == layer) & (neurons.n_examples >= 5)]
+    return live.neuron.to_numpy()[:n]
+
+
+def test_neuron_clusters_table(model, windows, top):
+    from nbutils import embeddings
+
+    neuron = int(_live_neurons(top, LAYER)[0])
+    nc = clustering.neuron_clusters(model, windows, top, LAYER, neuron)
+    ex = top.neuron_examples(LAYER, neuron)
+    assert list(nc.columns[:6]) == ["window", "pos", "act", "cluster", "is_central", "text"]
+    assert nc[["window", "pos"]].to_numpy().tolist() == ex[["window", "pos"]].to_numpy().tolist()
+    assert (np.diff(nc.act.to_numpy()) <= 0).all()  # highest activation first
+    labels = nc.cluster.to_numpy()
+    assert labels.tolist() == clustering.canonical_labels(labels).tolist()
+    assert nc.groupby("cluster").is_central.sum().eq(1).all()  # one central example per cluster
+    e = embeddings.neuron_embeddings(model, windows, LAYER, neuron, ex.window, ex.pos)
+    assert labels.tolist() == clustering.cluster(e).tolist()  # windows cut short give the same h
+    assert np.flatnonzero(nc.is_central).tolist() == sorted(clustering.central_example(e, labels).tolist())
+    assert all(text.endswith(tok) for text, tok in zip(nc.text, nc.token))
+
+
+def test_polysemy_rows_match_neuron_clusters(model, windows, top, table):
+    from nbutils import embeddings
+
+    assert len(table) == model.cfg.d_mlp and (table.layer == LAYER).all()
+    assert table.neuron.tolist() == list(range(model.cfg.d_mlp))
+    for neuron in _live_neurons(top, LAYER):
+        nc = clustering.neuron_clusters(model, windows, top, LAYER, int(neuron))
+        row = table.iloc[int(neuron)]
+        sizes = nc.cluster.value_counts()
+        assert row.n_examples == len(nc)
+        assert row.n_clusters == nc.cluster.nunique()
+        assert row.n_singletons == (sizes == 1).sum()
+        assert row.effective_clusters == pytest.approx(clustering.effective_n_clusters(nc.cluster.to_numpy()))
+        e = embeddings.neuron_embeddings(model, windows, LAYER, int(neuron), nc.window, nc.pos)
+        assert row.monosemanticity == pytest.approx(clustering.monosemanticity(e), abs=1e-5)
+
+
+def test_polysemy_table_reads_each_window_once(model, windows, top, monkeypatch):
+    from nbutils import embeddings
+
+    seen = []
+    original = embeddings.pre_mlp_vectors
+
+    def counting(model_, windows_, layer, window_ids, positions, **kwargs):
+        seen.append(len(windows_))
+        return original(model_, windows_, layer, window_ids, positions, **kwargs)
+
+    monkeypatch.setattr(embeddings, "pre_mlp_vectors", counting)
+    clustering.polysemy_table(model, windows, top, 0)
+    ex = top.examples[top.examples.layer == 0]
+    assert sum(seen) == ex.window.nunique()  # one batched pass: every needed window runs exactly once
+
+
+def _with_dead(top, layer, neuron):
+    import dataclasses
+
+    act = top.act.clone()
+    act[layer, neuron] = -1.0  # max activation <= 0: dead
+    return dataclasses.replace(top, act=act, _tables={})
+
+
+def test_dead_neuron(model, windows, top):
+    dead_top = _with_dead(top, LAYER, 3)
+    with pytest.raises(ValueError, match=r"`neuron` must have examples to cluster; got neuron 3 of layer 1, which is dead"):
+        clustering.neuron_clusters(model, windows, dead_top, LAYER, 3)
+    row = clustering.polysemy_table(model, windows, dead_top, LAYER).iloc[3]
+    assert bool(row.dead) and row.n_examples == 0 and row.n_clusters == 0 and math.isnan(row.monosemanticity)
+
+
+def test_neuron_errors(model, windows, top):
+    with pytest.raises(ValueError, match=r"`layer` must be in 0..3 for this model; got 4"):
+        clustering.polysemy_table(model, windows, top, 4)
+    with pytest.raises(ValueError, match=r"`neuron` must be in 0..511 for this model \(d_mlp\); got 512"):
+        clustering.neuron_clusters(model, windows, top, 0, 512)
+    with pytest.raises(ValueError, match="`windows` must hold every window that `top` refers to"):
+        clustering.polysemy_table(model, windows[:10], top, 0)
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        clustering.polysemy_table(model, windows, top, 0, method="kmeans")
+    with pytest.raises(TypeError, match="`top` must be a TopActivations"):
+        clustering.polysemy_table(model, windows, top.examples, 0)
