@@ -178,49 +178,81 @@ class TopActivations:
 # The streaming merge
 
 
-def _order_key(act: Float[Tensor, "*shape"], window: Int[Tensor, "*shape"]) -> Int[Tensor, "*shape"]:
-    """An int64 key ordering slots by act (desc) then window id (asc); empty slots lowest.
+_EMPTY = torch.iinfo(torch.int64).min  # order key of an empty slot: below every real one
 
-    The float32 bits are mapped to integers of the same order, shifted into the high 32 bits, and the
-    inverted window id fills the low 32 bits, so `topk` over the key has no ties.
+
+def _order_key(act: Float[Tensor, "*shape"], window: Int[Tensor, "*shape"]) -> Int[Tensor, "*shape"]:
+    """An int64 key ordering slots by act (desc) then window id (asc); empty slots (window -1) lowest.
+
+    The float32 bits are mapped to integers of the same order and shifted into the high 32 bits; the
+    inverted window id fills the low 32 bits. Keys are unique (a window gives a neuron one candidate), so
+    `topk` over them has no ties and the result does not depend on the order windows arrive in.
     """
     bits = act.float().contiguous().view(torch.int32)
     bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # same order as the floats
     key = (bits.long() << 32) | (0xFFFFFFFF - window.clamp(min=0))
-    return key.masked_fill(window < 0, torch.iinfo(torch.int64).min)
+    return key.masked_fill(window < 0, _EMPTY)
 
 
-def _merge_topk(
-    state: tuple[Tensor, Tensor, Tensor], candidates: tuple[Tensor, Tensor, Tensor], k: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k of the union of two sets of (act, window, pos) slots `[n_layers, d_mlp, m]`, by one topk."""
-    act, window, pos = (torch.cat([s, c], dim=-1) for s, c in zip(state, candidates))  # [n_layers, d_mlp, m1+m2]
-    _, idx = torch.topk(_order_key(act, window), k=min(k, act.shape[-1]), dim=-1, sorted=True)
-    out = tuple(t.gather(-1, idx) for t in (act, window, pos))
-    if out[0].shape[-1] < k:  # fewer slots than k: pad with empty ones
-        pad = k - out[0].shape[-1]
-        out = tuple(torch.nn.functional.pad(t, (0, pad), value=v)
-                    for t, v in zip(out, (float("-inf"), _NO_WINDOW, 0)))
-    return out  # type: ignore[return-value]
+def _decode_key(key: Int[Tensor, "*shape"]) -> tuple[Float[Tensor, "*shape"], Int[Tensor, "*shape"]]:
+    """Invert `_order_key`: (act, window), with (-inf, -1) for empty slots."""
+    bits = (key >> 32).to(torch.int32)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # the mapping is its own inverse
+    act = bits.view(torch.float32).clone()
+    window = 0xFFFFFFFF - (key & 0xFFFFFFFF)
+    empty = key == _EMPTY
+    return act.masked_fill(empty, float("-inf")), window.masked_fill(empty, _NO_WINDOW)
 
 
-def _empty_state(n_layers: int, d_mlp: int, k: int, device: Any) -> tuple[Tensor, Tensor, Tensor]:
-    shape = (n_layers, d_mlp, k)
-    return (
-        torch.full(shape, float("-inf"), device=device),
-        torch.full(shape, _NO_WINDOW, dtype=torch.long, device=device),
-        torch.zeros(shape, dtype=torch.long, device=device),
-    )
+def _merge_topk(state: tuple[Tensor, Tensor], candidates: tuple[Tensor, Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """Merge candidates into the running top-k, in place: one `topk` over the concatenated slots.
+
+    Args:
+        state: (key, pos) `[n_neurons, k]`, the running top-k of each neuron (unsorted).
+        candidates: (key, pos) `[n_neurons, batch]`.
+
+    Only the neurons with a candidate above their current k-th key take part: late in a long corpus most
+    batches change few neurons.
+    """
+    key, pos = state
+    cand_key, cand_pos = candidates
+    enters = (cand_key > key.amin(dim=-1, keepdim=True)).any(dim=-1)  # [n_neurons]
+    rows = torch.nonzero(enters).reshape(-1)
+    if rows.numel() == 0:
+        return state
+    if rows.numel() == key.shape[0]:
+        rows = slice(None)  # every neuron: no gather needed
+    both_key = torch.cat([key[rows], cand_key[rows]], dim=-1)  # [n_rows, k + batch]
+    both_pos = torch.cat([pos[rows], cand_pos[rows]], dim=-1)  # [n_rows, k + batch]
+    top_key, idx = torch.topk(both_key, k=k, dim=-1, sorted=False)
+    key[rows] = top_key
+    pos[rows] = both_pos.gather(-1, idx)
+    return state
+
+
+def _empty_state(n_neurons: int, k: int, device: Any) -> tuple[Tensor, Tensor]:
+    """(key, pos) `[n_neurons, k]` with every slot empty."""
+    return (torch.full((n_neurons, k), _EMPTY, dtype=torch.long, device=device),
+            torch.zeros((n_neurons, k), dtype=torch.int32, device=device))
+
+
+def _sorted_state(key: Tensor, pos: Tensor, n_layers: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(act, window, pos) `[n_layers, d_mlp, k]` on the CPU, each neuron's slots highest first."""
+    key, order = key.cpu().sort(dim=-1, descending=True)
+    pos = pos.cpu().gather(-1, order).long()
+    act, window = _decode_key(key)
+    return tuple(t.reshape(n_layers, -1, t.shape[-1]) for t in (act, window, pos))  # type: ignore[return-value]
 
 
 class _StopForward(Exception):
     """Raised by the last layer's hook: nothing after the last MLP is needed."""
 
 
-def _batch_candidates(model: Any, batch: Tensor, first_window: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Run one batch and reduce each layer's activations to per-(neuron, window) candidates on the device.
+def _batch_candidates(model: Any, batch: Tensor, first_window: int) -> tuple[Tensor, Tensor]:
+    """Run one batch up to the last MLP and reduce each layer's activations to one candidate per
+    (neuron, window) on the device: the max over positions and where it is.
 
-    Returns act, window, pos `[n_layers, d_mlp, batch]`.
+    Returns (key, pos) `[n_layers * d_mlp, batch]` (`_order_key`); raises `ValueError` on NaN or inf.
     """
     n_layers = model.cfg.n_layers
     maxima: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
@@ -230,7 +262,7 @@ def _batch_candidates(model: Any, batch: Tensor, first_window: int) -> tuple[Ten
         def hook(act: Tensor, hook: Any = None) -> None:  # act: [batch, pos, d_mlp]
             maxima[layer], argmax[layer] = act.float().max(dim=1)  # [batch, d_mlp] each
             if layer == n_layers - 1:
-                raise _StopForward
+                raise _StopForward  # nothing after the last MLP is needed
 
         return hook
 
@@ -239,15 +271,16 @@ def _batch_candidates(model: Any, batch: Tensor, first_window: int) -> tuple[Ten
                              return_type=None)
     except _StopForward:
         pass
-    act = torch.stack(maxima).transpose(1, 2)  # [n_layers, d_mlp, batch]
-    pos = torch.stack(argmax).transpose(1, 2)  # [n_layers, d_mlp, batch]
-    ids = torch.arange(first_window, first_window + batch.shape[0], device=act.device)
-    return act, ids.expand_as(act), pos
+    act = torch.stack(maxima).transpose(1, 2).reshape(-1, batch.shape[0])  # [n_layers * d_mlp, batch]
+    pos = torch.stack(argmax).transpose(1, 2).reshape(-1, batch.shape[0]).to(torch.int32)  # [n_layers * d_mlp, batch]
+    _check_finite(act, first_window)
+    ids = torch.arange(first_window, first_window + batch.shape[0], device=act.device)  # [batch]
+    return _order_key(act, ids.expand_as(act)), pos
 
 
 def _check_finite(act: Tensor, first_window: int) -> None:
     if not torch.isfinite(act).all():
-        bad = int(torch.nonzero(~torch.isfinite(act))[0, -1]) + first_window
+        bad = int(torch.nonzero(~torch.isfinite(act))[0, -1]) + first_window  # act: [n_neurons, batch]
         fail("activations", "be finite", f"NaN or inf in window {bad}", "Check the model's weights and dtype.")
 
 
@@ -306,21 +339,34 @@ def collect_top_activations(
         if finished is not None:
             state = _read_state(run, run.result_path, finished[0], model, settings.k)
             return TopActivations(*state, settings=settings, n_windows=n_windows, window_ranges=ranges, **ids)
-    state, done = _empty_state(model.cfg.n_layers, model.cfg.d_mlp, settings.k, _device(model)), 0
+    n_layers, n_neurons = model.cfg.n_layers, model.cfg.n_layers * model.cfg.d_mlp
+    state, done = _empty_state(n_neurons, settings.k, _device(model)), 0
     if run is not None:
         partial = run.load_checkpoint()
         if partial is not None:
             table, done = partial
-            state = tuple(t.to(_device(model)) for t in _read_state(run, run.checkpoint_path, table, model,
-                                                                    settings.k))
+            act, window, pos = _read_state(run, run.checkpoint_path, table, model, settings.k)
+            state = (_order_key(act, window).reshape(n_neurons, -1).to(_device(model)),
+                     pos.reshape(n_neurons, -1).to(torch.int32).to(_device(model)))
     state = _stream(model, windows, state, done, settings, window_offset, checkpoint_every, run, progress)
-    state = tuple(t.cpu() for t in state)
+    result = _sorted_state(*state, n_layers)
     if run is not None:
-        run.save_finished(_state_table(*state), {"n_layers": model.cfg.n_layers, "d_mlp": model.cfg.d_mlp})
-    return TopActivations(*state, settings=settings, n_windows=n_windows, window_ranges=ranges, **ids)
+        run.save_finished(_state_table(*result), {"n_layers": n_layers, "d_mlp": model.cfg.d_mlp})
+    return TopActivations(*result, settings=settings, n_windows=n_windows, window_ranges=ranges, **ids)
 
 
-def _stream(model, windows, state, done, settings, window_offset, checkpoint_every, run, progress):
+def _stream(
+    model: Any,
+    windows: Int[Tensor, "n_windows window"],
+    state: tuple[Tensor, Tensor],
+    done: int,
+    settings: CollectSettings,
+    window_offset: int,
+    checkpoint_every: int,
+    run: _cache.Run | None,
+    progress: bool,
+) -> tuple[Tensor, Tensor]:
+    """The loop: windows `done:` in batches, merged into `state`; a checkpoint every `checkpoint_every` batches."""
     from tqdm.auto import tqdm
 
     n_windows, n_pos = windows.shape
@@ -331,12 +377,11 @@ def _stream(model, windows, state, done, settings, window_offset, checkpoint_eve
         with torch.inference_mode():
             for i, start in enumerate(range(done, n_windows, settings.batch_size)):
                 batch = windows[start : start + settings.batch_size].to(device)  # [batch, window]
-                candidates = _batch_candidates(model, batch, window_offset + start)
-                _check_finite(candidates[0], window_offset + start)
-                state = _merge_topk(state, candidates, settings.k)
+                state = _merge_topk(state, _batch_candidates(model, batch, window_offset + start), settings.k)
                 bar.update(batch.numel())
-                if run is not None and (i + 1) % checkpoint_every == 0 and start + len(batch) < n_windows:
-                    run.save_checkpoint(_state_table(*(t.cpu() for t in state)), start + len(batch))
+                stop = start + batch.shape[0]
+                if run is not None and (i + 1) % checkpoint_every == 0 and stop < n_windows:
+                    run.save_checkpoint(_state_table(*_sorted_state(*state, model.cfg.n_layers)), stop)
     finally:
         bar.close()
     return state
@@ -347,7 +392,7 @@ def _stream(model, windows, state, done, settings, window_offset, checkpoint_eve
 
 
 def _state_table(act: Tensor, window: Tensor, pos: Tensor) -> pd.DataFrame:
-    """The state as a table `layer, neuron, rank, window, pos, act` of its filled slots."""
+    """The state `[n_layers, d_mlp, k]` as a table `layer, neuron, rank, window, pos, act` of its filled slots."""
     filled = window != _NO_WINDOW
     layer, neuron, rank = torch.nonzero(filled, as_tuple=True)
     return pd.DataFrame({"layer": layer.numpy().astype(np.int32), "neuron": neuron.numpy().astype(np.int32),
@@ -356,12 +401,18 @@ def _state_table(act: Tensor, window: Tensor, pos: Tensor) -> pd.DataFrame:
 
 
 def _state_from_table(table: pd.DataFrame, n_layers: int, d_mlp: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    act, window, pos = _empty_state(n_layers, d_mlp, k, "cpu")
-    index = (torch.as_tensor(table["layer"].to_numpy(np.int64)), torch.as_tensor(table["neuron"].to_numpy(np.int64)),
-             torch.as_tensor(table["rank"].to_numpy(np.int64)))
-    act[index] = torch.as_tensor(table["act"].to_numpy(np.float32))
-    window[index] = torch.as_tensor(table["window"].to_numpy(np.int64))
-    pos[index] = torch.as_tensor(table["pos"].to_numpy(np.int64))
+    """Inverse of `_state_table`: (act, window, pos) `[n_layers, d_mlp, k]`."""
+    shape = (n_layers, d_mlp, k)
+    act = torch.full(shape, float("-inf"))
+    window = torch.full(shape, _NO_WINDOW, dtype=torch.long)
+    pos = torch.zeros(shape, dtype=torch.long)
+    index = tuple(torch.tensor(table[c].to_numpy(np.int64)) for c in ("layer", "neuron", "rank"))
+    windows = torch.tensor(table["window"].to_numpy(np.int64))
+    if len(table) and (int(windows.min()) < 0 or min(int(i.min()) for i in index) < 0):
+        raise ValueError("negative window, layer, neuron or rank")
+    act[index] = torch.tensor(table["act"].to_numpy(np.float32))
+    window[index] = windows
+    pos[index] = torch.tensor(table["pos"].to_numpy(np.int64))
     return act, window, pos
 
 
@@ -396,7 +447,13 @@ def merge(a: TopActivations, b: TopActivations) -> TopActivations:
             if lo < hi2 and lo2 < hi:
                 fail("shards", "cover disjoint window ids", f"overlap of [{lo}, {hi}) and [{lo2}, {hi2})",
                      "Collect each shard with `window_offset` = its first window's id in the whole corpus.")
-    state = _merge_topk((a.act, a.window, a.pos), (b.act, b.window, b.pos), a.settings.k)
+    n_layers, d_mlp, k = a.act.shape
+
+    def flat(top: TopActivations) -> tuple[Tensor, Tensor]:
+        return (_order_key(top.act, top.window).reshape(n_layers * d_mlp, k),  # [n_neurons, k]
+                top.pos.reshape(n_layers * d_mlp, k).to(torch.int32))
+
+    state = _sorted_state(*_merge_topk(flat(a), flat(b), k), n_layers)
     ranges = tuple(sorted(a.window_ranges + b.window_ranges))
     corpus_id = _cache.text_fingerprint(json.dumps(sorted([a.corpus_id, b.corpus_id])))
     return TopActivations(*state, settings=a.settings, n_windows=a.n_windows + b.n_windows,

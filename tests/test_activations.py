@@ -165,6 +165,35 @@ def test_order_key_sorts_by_act_then_window():
     assert order == [5, 2, 0, 3, 4, 1, 6, 7]
 
 
+def test_order_key_round_trip():
+    act = torch.tensor([1.5, -0.0, -7.25, float("-inf"), 3e-39, 0.0])
+    window = torch.tensor([0, 12, 2**31, -1, 5, 2**32 - 1])
+    back_act, back_window = activations._decode_key(activations._order_key(act, window))
+    assert torch.equal(back_window, window)
+    assert torch.equal(back_act.view(torch.int32), act.view(torch.int32))  # bit for bit, -0.0 and subnormals too
+
+
+def test_streaming_merge_equals_topk_of_union():
+    gen = torch.Generator().manual_seed(0)
+    n_neurons, k, batch = 50, 7, 5
+    acts = torch.randn(n_neurons, 40, generator=gen)  # 40 windows
+    acts[:, 20:] -= 10.0  # late windows are weak: most neurons take nothing from them (the skip path)
+    acts[3, 30] = 50.0  # ... except one neuron
+    acts[7, 10] = acts[7, 11] = 2.0  # a tie: the lower window wins
+    pos = torch.randint(0, 9, (n_neurons, 40), generator=gen, dtype=torch.int32)
+    state = activations._empty_state(n_neurons, k, "cpu")
+    for start in range(0, 40, batch):
+        ids = torch.arange(start, start + batch).expand(n_neurons, batch)
+        cand = (activations._order_key(acts[:, start : start + batch], ids), pos[:, start : start + batch])
+        state = activations._merge_topk(state, cand, k)
+    act, window, got_pos = activations._sorted_state(*state, n_layers=1)
+    order = torch.argsort(acts, dim=-1, descending=True, stable=True)[:, :k]  # stable: lower window first
+    assert torch.equal(window[0], order)
+    assert torch.equal(act[0], acts.gather(-1, order))
+    assert torch.equal(got_pos[0], pos.gather(-1, order).long())
+    assert window[0, 3, 0] == 30 and window[0, 7, 0] == 10 and window[0, 7, 1] == 11
+
+
 # --------------------------------------------------------------------------------------------------
 # Shards
 

@@ -1,0 +1,142 @@
+"""Collection throughput against a bare forward pass of the same weights, and peak memory for N and 10×N windows.
+
+    python benchmarks/bench_collect.py                     # defaults: 512 windows × 7 rounds, N = 1000
+    python benchmarks/bench_collect.py --windows 256 --rounds 3 --n 200
+
+Throughput: on the same windows and batch size, one run times, in interleaved rounds (so load from other
+processes hits every method alike),
+
+- `hf_full`: the plain Hugging Face model loaded with `transformers` from the model folder, no hooks, logits
+  computed (the bare forward pass);
+- `hf_body`: the same model's transformer body only (no final LayerNorm, no unembedding): the layers
+  collection actually needs to run;
+- `collect`: `activations.collect_top_activations` (no cache), which stops after the last MLP.
+
+It prints tokens/s per method (median and best round) and the ratios collect / hf_full and collect / hf_body.
+
+Memory: each size runs in a fresh process that loads the model and windows, then collects (and builds the
+tables); it prints the peak resident set size before and after collection, and the growth during it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from nbutils import _env, activations, data, models
+
+
+def _status_mb(field: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise KeyError(field)
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS; False where Linux does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _throughput(n_windows: int, rounds: int, batch_size: int, window: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = models.load_model()
+    hf = AutoModelForCausalLM.from_pretrained(_env.DEFAULT_MODEL_DIR).eval()
+    windows = data.corpus_windows(model, n_windows, window)  # [n_windows, window]
+
+    def forward(fn) -> None:
+        with torch.inference_mode():
+            for start in range(0, n_windows, batch_size):
+                fn(windows[start : start + batch_size])
+
+    methods = {
+        "hf_full": lambda: forward(lambda batch: hf(batch)),
+        "hf_body": lambda: forward(lambda batch: hf.transformer(batch)),
+        "collect": lambda: activations.collect_top_activations(
+            model, windows, batch_size=batch_size, use_cache=False, progress=False
+        ),
+    }
+    for run in methods.values():  # warm-up
+        run()
+    speeds: dict[str, list[float]] = {name: [] for name in methods}
+    for r in range(rounds):
+        order = list(methods) if r % 2 == 0 else list(reversed(methods))
+        for name in order:
+            start = time.perf_counter()
+            methods[name]()
+            speeds[name].append(windows.numel() / (time.perf_counter() - start))
+    return {name: {"median": statistics.median(v), "best": max(v), "rounds": v} for name, v in speeds.items()}
+
+
+def _memory(n_windows: int, batch_size: int, window: int) -> dict:
+    model = models.load_model()
+    windows = data.corpus_windows(model, n_windows, window)
+    gc.collect()
+    reset = _reset_peak()
+    before = _status_mb("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    top = activations.collect_top_activations(model, windows, batch_size=batch_size, use_cache=False, progress=False)
+    _ = top.examples, top.neurons
+    peak = _status_mb("VmHWM")  # peak since the reset: the collection and its tables
+    return {"n_windows": n_windows, "rss_before_mb": before, "peak_mb": peak, "growth_mb": peak - before,
+            "peak_is_collection_only": reset, "n_examples": len(top.examples)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--windows", type=int, default=512, help="windows per throughput round")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
+    parser.add_argument("--n", type=int, default=1000, help="N for the memory comparison (N and 10×N windows)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--window", type=int, default=64, help="tokens per window")
+    parser.add_argument("--memory-only", type=int, default=None, help=argparse.SUPPRESS)  # child process
+    args = parser.parse_args(argv)
+
+    if args.memory_only is not None:
+        print(json.dumps(_memory(args.memory_only, args.batch_size, args.window)))
+        return
+
+    print(f"torch threads: {torch.get_num_threads()}, batch size {args.batch_size}, window {args.window} tokens")
+    speeds = _throughput(args.windows, args.rounds, args.batch_size, args.window)
+    print(f"\nthroughput over {args.windows} windows, {args.rounds} interleaved rounds (tokens/s)")
+    for name, s in speeds.items():
+        print(f"  {name:8s} best {s['best']:8.0f}   median {s['median']:8.0f}")
+    print("  ratios (best rounds are the least disturbed by other processes on a shared machine):")
+    for base in ("hf_full", "hf_body"):
+        best = speeds["collect"]["best"] / speeds[base]["best"]
+        median = speeds["collect"]["median"] / speeds[base]["median"]
+        print(f"  collect / {base}: {best:.2f} (best rounds)   {median:.2f} (medians)")
+
+    print("\npeak memory (resident set size, MB), each size in a fresh process")
+    rows = []
+    for n in (args.n, 10 * args.n):
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-only", str(n), "--batch-size", str(args.batch_size),
+             "--window", str(args.window)],
+            check=True, capture_output=True, text=True,
+        )
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for row in rows:
+        print(f"  {row['n_windows']:6d} windows: RSS before collection {row['rss_before_mb']:7.1f}, peak during "
+              f"collection {row['peak_mb']:7.1f}, growth {row['growth_mb']:6.1f}  ({row['n_examples']} examples)")
+    if not rows[0]["peak_is_collection_only"]:
+        print("  (this kernel does not reset the peak: peaks include loading the corpus)")
+    print(f"  peak 10×N / N: {rows[1]['peak_mb'] / rows[0]['peak_mb']:.3f}   "
+          f"growth 10×N - N: {rows[1]['growth_mb'] - rows[0]['growth_mb']:+.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
