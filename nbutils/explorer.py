@@ -97,13 +97,15 @@ class NeuronData:
 
     Attributes:
         examples: the neuron's rows of `top.examples` (`window, pos, act`), highest first.
-        e: neuron embeddings `[n_examples, d_model]` at the activating tokens.
+        h: pre-MLP vectors `[n_examples, d_model]` at the activating tokens (`embeddings.pre_mlp_vectors`).
+        e: neuron embeddings `h ⊙ w` `[n_examples, d_model]`.
         acts: the neuron's activation at every position of each example's window `[n_examples, window]`.
         str_tokens: token strings of each example's window.
         layout: 2-D layout of `e` (`viz.layout_2d`), None for a dead neuron.
     """
 
     examples: pd.DataFrame
+    h: np.ndarray
     e: np.ndarray
     acts: np.ndarray
     str_tokens: list[list[str]]
@@ -113,8 +115,24 @@ class NeuronData:
 class Explorer:
     """Holds the model, data, caches, state and widgets; `widget` is what a notebook displays.
 
-    Build it with `neuron_explorer(...)`, which returns `explorer.widget` (an `ipywidgets.VBox` whose
-    `explorer` attribute points back here).
+    `neuron_explorer(...)` builds one and returns its `widget` (an `ipywidgets.VBox` whose `explorer`
+    attribute points back here). `figure()` and `report_html()` give static views of the current neuron.
+
+    Args:
+        model: a TransformerBridge (`models.load_model`).
+        windows: the token windows `[n_windows, window]` that `top` was collected on.
+        top: `TopActivations` (`activations.collect_top_activations`).
+        layer: the first layer shown.
+        neuron: the first neuron shown; default the layer's neuron with the most examples.
+        method, threshold: the first clustering setting (`clustering.cluster`; None: the defaults).
+        max_examples: examples listed per tab.
+        before, after: tokens of context shown before and after the activating token.
+        seed: seeds UMAP and the random-neuron button.
+        polysemy: precomputed `clustering.polysemy_table` rows (any layers) for the random button.
+        similar_space: vectors compared for similar features, "embedding" (h ⊙ w) or "h" (`similar`).
+
+    Raises:
+        ValueError: layer or neuron out of range, bad method, windows or sizes.
     """
 
     def __init__(
@@ -132,6 +150,7 @@ class Explorer:
         after: int = 10,
         seed: int = 0,
         polysemy: pd.DataFrame | None = None,
+        similar_space: str = "embedding",
     ) -> None:
         import ipywidgets as w
 
@@ -142,6 +161,7 @@ class Explorer:
         self.before = check_int_range("before", before, 0, 10_000)
         self.after = check_int_range("after", after, 0, 10_000)
         self.seed = seed
+        self.similar_space = check_choice("similar_space", similar_space, ("embedding", "h"))
         self.rng = np.random.default_rng(seed)
         self._neurons: dict[tuple[int, int], NeuronData] = {}
         self._importance: dict[tuple[int, int, int, int], np.ndarray] = {}
@@ -253,15 +273,18 @@ class Explorer:
             pos = np.array(examples["pos"], dtype=np.int64)
             width = self.windows.shape[1]
             if len(examples) == 0:
-                e = np.zeros((0, self.model.cfg.d_model))
+                h = e = np.zeros((0, self.model.cfg.d_model))
                 acts = np.zeros((0, width))
                 layout = None
             else:
-                e = embeddings.neuron_embeddings(self.model, self.windows, layer, neuron, wid, pos).numpy()
+                h_t = embeddings.pre_mlp_vectors(self.model, self.windows, layer, wid, pos)  # [n, d_model]
+                W, _ = embeddings.mlp_in_weights(self.model, layer)
+                h, e = h_t.numpy(), embeddings.embed(h_t, W, neuron).numpy()  # [n, d_model] each
                 acts = _neuron_activations(self.model, self.windows[torch.as_tensor(wid)], layer, neuron)
                 layout = viz.layout_2d(e, seed=self.seed)
             str_tokens = [self.tokens_of(int(i)) for i in wid]
-            self._neurons[key] = NeuronData(examples, e.astype(np.float64), acts, str_tokens, layout)
+            self._neurons[key] = NeuronData(examples, h.astype(np.float64), e.astype(np.float64), acts, str_tokens,
+                                            layout)
         return self._neurons[key]
 
     def tokens_of(self, window: int) -> list[str]:
@@ -285,15 +308,28 @@ class Explorer:
             self._polysemy[layer] = clustering.polysemy_table(self.model, self.windows, self.top, layer)
         return self._polysemy[layer]
 
-    def similar_to(self, layer: int, neuron: int, vector: np.ndarray, k: int = _N_SIMILAR) -> pd.DataFrame:
-        """Clusters of other neurons of `layer` whose central example is nearest to `vector` (cached index)."""
+    def similar_to(self, layer: int, neuron: int, row: int, k: int = _N_SIMILAR) -> pd.DataFrame:
+        """Features of other neurons of `layer` nearest to example `row` of `neuron` (a cluster's centre).
+
+        Features are `similar.layer_features` of the layer (clusters of at least 3 examples under the
+        default clustering, computed once per layer), compared by cosine similarity of their central
+        example's vector in `similar_space` ("embedding": h ⊙ w, or "h") with the example's vector in
+        the same space. Returns `layer, neuron, cluster, size, similarity`, most similar first.
+        """
         from nbutils import similar
 
         if layer not in self._similar:
-            self._similar[layer] = similar.feature_index(self.model, self.windows, self.top, layer)
-        table = similar.nearest_features(self._similar[layer], vector, k=k + 8)
-        table = table[table["neuron"] != neuron]
-        return table.head(k).reset_index(drop=True)
+            self._similar[layer] = similar.layer_features(self.model, self.windows, self.top, layer)
+        features = self._similar[layer]
+        data = self.neuron_data(layer, neuron)
+        query = (data.e if self.similar_space == "embedding" else data.h)[row]  # [d_model]
+        table = features.table[["layer", "neuron", "cluster", "size"]]
+        vectors = features.vectors[self.similar_space]  # [n_features, d_model]
+        norms = np.linalg.norm(vectors, axis=1) * max(float(np.linalg.norm(query)), 1e-12)
+        sims = vectors @ query / np.where(norms > 0, norms, 1.0)  # [n_features]
+        other = np.flatnonzero(table["neuron"].to_numpy() != neuron)
+        best = other[np.argsort(-sims[other], kind="stable")[:k]]
+        return table.iloc[best].assign(similarity=sims[best]).reset_index(drop=True)
 
 
 def _busiest_neuron(top: Any, layer: int) -> int:
@@ -555,13 +591,13 @@ def _similar_buttons(ex: Explorer, clusters: np.ndarray) -> list:
     import ipywidgets as w
 
     s = ex.state
-    data = ex.neuron_data(s.layer, s.neuron)
     centre = int(s.central[int(clusters[0])])
-    table = ex.similar_to(s.layer, s.neuron, data.e[centre])
+    table = ex.similar_to(s.layer, s.neuron, centre)
     buttons = []
     for row in table.itertuples():
         button = w.Button(description=f"L{row.layer}/N{row.neuron} ({row.similarity:.2f})",
-                          tooltip=f"cluster {row.cluster} of neuron {row.neuron}, cosine {row.similarity:.2f}",
+                          tooltip=f"cluster {row.cluster} ({row.size} examples) of neuron {row.neuron}, "
+                                  f"cosine {row.similarity:.2f}",
                           layout=w.Layout(width="auto"))
         button.add_class("ne-similar")
         button.on_click(lambda _, l=int(row.layer), n=int(row.neuron): on_similar(ex, l, n))

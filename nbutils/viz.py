@@ -184,7 +184,8 @@ def umap_plot(
     if central.size:
         star_colours = [colours[labels[i]] if labels[i] < _N_COLOURED and sizes[labels[i]] >= 2 else "0.7" for i in central]
         ax.scatter(xy[central, 0], xy[central, 1], s=150, marker="*", c=star_colours, edgecolors="black",
-                   linewidths=0.8, label="central example", zorder=3)
+                   linewidths=0.8, zorder=3)
+        ax.scatter([], [], s=150, marker="*", c="white", edgecolors="black", linewidths=0.8, label="central example")
     name = "UMAP" if layout.method == "umap" else "PCA"
     heading = title or f"{name} of {len(e)} example embeddings (cosine)"
     ax.set_title(heading + (f"\n{layout.note}" if layout.note else ""), fontsize=10)

@@ -164,7 +164,7 @@ def test_voila_serves_the_explorer_and_the_random_button_changes_the_tabs(tmp_pa
         new_neuron = re.search(r"Layer \d+, neuron \d+", after["summary"]).group(0)
         assert (after["tabs"], after["summary"]) != (before["tabs"], before["summary"])
         assert new_neuron.replace("Layer ", "L").replace(", neuron ", "/N") in after["history"]
-        driver.execute_script("document.querySelector('.ne-summary').scrollIntoView()")
+        driver.execute_script("document.querySelector('.ne-layer').scrollIntoView()")  # controls at the top
         time.sleep(0.5)
         assert driver.save_screenshot(str(shot)), f"could not write the screenshot {shot}"
     total = time.time() - started

@@ -176,12 +176,22 @@ def test_importance_toggle_colours_the_open_tab(ex, model, windows):
     assert "title=\"activation" in ex.tabs.children[0].children[-1].value
 
 
-def test_similar_feature_buttons_jump_to_their_neuron(ex):
+def test_similar_feature_buttons_jump_to_their_neuron(ex, model, windows, top):
+    from nbutils import similar
+
     buttons = [b for b in ex.tabs.children[0].children[0].children if hasattr(b, "click")]
-    assert 0 < len(buttons) <= explorer._N_SIMILAR
-    target = re.match(r"L(\d+)/N(\d+)", buttons[0].description)
+    assert len(buttons) == explorer._N_SIMILAR
+    target = re.match(r"L(\d+)/N(\d+) \((-?[0-9.]+)\)", buttons[0].description)
     start = (ex.state.layer, ex.state.neuron)
-    assert int(target.group(2)) != start[1]  # other neurons only
+    # the nearest feature of another neuron, by cosine of central-example neuron embeddings
+    features = similar.layer_features(model, windows, top, start[0])
+    query = ex.neuron_data(*start).e[int(ex.state.central[0])]
+    vectors = features.vectors["embedding"]
+    sims = vectors @ query / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(query))
+    sims[features.table["neuron"].to_numpy() == start[1]] = -np.inf  # other neurons only
+    best = int(np.argmax(sims))
+    assert int(target.group(2)) == int(features.table["neuron"].iat[best]) != start[1]
+    assert float(target.group(3)) == pytest.approx(sims[best], abs=0.005)
     buttons[0].click()
     assert (ex.state.layer, ex.state.neuron) == (int(target.group(1)), int(target.group(2)))
     assert ex.state.history == [start, (ex.state.layer, ex.state.neuron)]

@@ -117,8 +117,8 @@ def test_umap_plot_labels_title_and_central_stars():
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("UMAP 1", "UMAP 2")
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend == ["cluster 0 (30)", "cluster 1 (30)", "cluster 2 (30)", "central example"]
-    stars = ax.collections[-1]
-    assert len(stars.get_offsets()) == 3
+    stars = ax.collections[-2]  # the last collection is the legend's empty proxy
+    assert len(stars.get_offsets()) == 3 and stars.get_paths()[0] is not None
     assert viz.figure_png(fig)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
