@@ -277,10 +277,9 @@ class Explorer:
                 acts = np.zeros((0, width))
                 layout = None
             else:
-                h_t = embeddings.pre_mlp_vectors(self.model, self.windows, layer, wid, pos)  # [n, d_model]
+                h_t, acts = _neuron_pass(self.model, self.windows[torch.as_tensor(wid)], layer, neuron, pos)
                 W, _ = embeddings.mlp_in_weights(self.model, layer)
                 h, e = h_t.numpy(), embeddings.embed(h_t, W, neuron).numpy()  # [n, d_model] each
-                acts = _neuron_activations(self.model, self.windows[torch.as_tensor(wid)], layer, neuron)
                 layout = viz.layout_2d(e, seed=self.seed)
             str_tokens = [self.tokens_of(int(i)) for i in wid]
             self._neurons[key] = NeuronData(examples, h.astype(np.float64), e.astype(np.float64), acts, str_tokens,
@@ -340,15 +339,24 @@ def _busiest_neuron(top: Any, layer: int) -> int:
 
 
 @torch.inference_mode()
-def _neuron_activations(model: Any, windows: torch.Tensor, layer: int, neuron: int, batch_size: int = 64) -> np.ndarray:
-    """Activation of one neuron at every position of each window `[n_windows, window]`."""
-    name = hook_name(layer, "post")
-    parts = []
+def _neuron_pass(
+    model: Any, windows: torch.Tensor, layer: int, neuron: int, pos: np.ndarray, batch_size: int = 64
+) -> tuple[torch.Tensor, np.ndarray]:
+    """One forward pass over a neuron's example windows `[n, window]` (each example its own window).
+
+    Returns h at each example's activating position `[n, d_model]` (the folded-LayerNorm h of
+    `embeddings.pre_mlp_vectors`, which `embeddings.embed` turns into neuron embeddings) and the neuron's
+    activation at every position `[n, window]`. One pass instead of two keeps a neuron change fast.
+    """
+    names = [hook_name(layer, "ln_normalized"), hook_name(layer, "post")]
+    h_parts, act_parts = [], []
     for start in range(0, len(windows), batch_size):
-        _, cache = model.run_with_cache(windows[start : start + batch_size], names_filter=[name],
+        _, cache = model.run_with_cache(windows[start : start + batch_size], names_filter=names,
                                         stop_at_layer=layer + 1)
-        parts.append(cache[name][:, :, neuron].float().cpu())  # [batch, window]
-    return torch.cat(parts).numpy().astype(np.float64)
+        rows = torch.arange(len(cache[names[0]]))
+        h_parts.append(cache[names[0]][rows, torch.as_tensor(pos[start : start + batch_size])].float().cpu())
+        act_parts.append(cache[names[1]][:, :, neuron].float().cpu())  # [batch, window]
+    return torch.cat(h_parts), torch.cat(act_parts).numpy().astype(np.float64)
 
 
 # -------------------------------------------------------------------------------------------- callbacks
