@@ -18,6 +18,7 @@ import socket
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from nbutils import _env
 from nbutils._validation import check_float_range, check_int_range, fail
-from nbutils.sae import SAE, SAEConfig, batch_monosemanticity, one_thread, single_thread, train_sae_on
+from nbutils.sae import SAE, SAEConfig, batch_monosemanticity, encoder_participation, one_thread, single_thread, train_sae_on
 
 __all__ = [
     "SOURCES",
@@ -39,6 +40,22 @@ __all__ = [
     "hidden_activations",
     "train_sae",
     "sae_metrics",
+    "sae_diagnostics",
+    "cluster_purity",
+    "UnitView",
+    "unit_activations",
+    "unit_embeddings",
+    "unit_weights",
+    "unit_view",
+    "unit_table",
+    "REPRESENTATIONS",
+    "representation_purity",
+    "plot_unit",
+    "plot_unit_clusters",
+    "plot_tradeoff",
+    "plot_representation_purity",
+    "render_unit",
+    "unit_explorer",
 ]
 
 SOURCES = ("offline", "openml")
@@ -131,9 +148,8 @@ def _check_labels(name: str, y, n: int) -> Tensor:
     y = torch.as_tensor(np.asarray(y))
     if y.ndim != 1 or len(y) != n:
         fail(name, f"be a 1-D array with one label per image ({n})", f"shape {tuple(y.shape)}")
-    if y.is_floating_point() or y.dtype == torch.bool:
-        if not torch.equal(y, y.round()) or y.dtype == torch.bool:
-            fail(name, "hold integer digit labels", f"dtype {y.dtype}")
+    if y.dtype == torch.bool or (y.is_floating_point() and not torch.equal(y, y.round())):
+        fail(name, "hold integer digit labels", f"dtype {y.dtype}")
     y = y.long()
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= N_CLASSES):
         fail(name, f"hold digits in 0..{N_CLASSES - 1}", f"values {int(y.min())}..{int(y.max())}")
@@ -279,6 +295,18 @@ def train_sae(
     softplus-weighted pairwise cosine similarity of each latent's embeddings `(h - b_d) ⊙ W_e[k]` over the
     batch, divided by the number of pairs. Unlike a mean over the inputs where a latent is active, it also
     reaches latents that are inactive on the batch, and it rewards activation on inputs whose embeddings agree.
+
+    Args:
+        mlp: the MLP (`train_mlp`); the SAE reads its hidden activations and remembers its fingerprint.
+        X: training images `[n, 784]`.
+        mono_coef: λm ≥ 0, weight of `1 - mono`.
+        n_latents: dictionary size. l1_coef: λ1.
+        mono_form: one of `nbutils.sae.MONO_FORMS`.
+        steps, seed: training steps and seed. progress: show a tqdm bar.
+        **config: other `SAEConfig` fields (`lr`, `batch_size`, `mono_start`, `mono_topk`).
+
+    Returns:
+        The trained `SAE`, with `config`, `history`, `train_seconds` and `source` (the MLP's fingerprint).
 
     Raises:
         ValueError: `mono_coef < 0`, bad images, other bad settings.
@@ -451,10 +479,8 @@ class UnitView:
     feature: np.ndarray
     clusters: np.ndarray
 
-    def cluster_table(self) -> "pd.DataFrame":
+    def cluster_table(self) -> pd.DataFrame:
         """One row per feature cluster: `cluster, size, top_digit, purity, digits` (digit → count)."""
-        import pandas as pd
-
         rows = []
         for c in np.unique(self.clusters):
             d = self.digits[self.clusters == c]
@@ -534,15 +560,13 @@ def unit_table(
     method: str | None = None,
     threshold: float | None = None,
     progress: bool = True,
-) -> "pd.DataFrame":
+) -> pd.DataFrame:
     """One row per live MLP neuron (or SAE latent) with at least two top examples.
 
     Columns: `unit, n_examples, n_clusters` (clusters with ≥ 2 members), `n_singletons, purity` (share of
     the most common digit among the top examples), `cluster_purity` (`cluster_purity` of its feature
     clusters), `top_digits` (digits with ≥ 10% of the top examples, most common first).
     """
-    import pandas as pd
-
     mlp = _check_mlp(mlp)
     X = _check_images("X", X, mlp.d_in)
     y = _check_labels("y", y, X.shape[0])
@@ -583,7 +607,7 @@ def representation_purity(
     top_k: int = 64,
     method: str | None = None,
     threshold: float | None = None,
-) -> "pd.DataFrame":
+) -> pd.DataFrame:
     """Digit purity of each MLP neuron's clusters when its top examples are clustered on three representations.
 
     `"embedding"`: neuron embeddings `X ⊙ W_in[:, j]`; `"pixels"`: raw images `X`; `"hidden"`: the MLP's
@@ -592,8 +616,6 @@ def representation_purity(
     Returns:
         DataFrame `neuron, representation, n_examples, n_clusters, n_singletons, cluster_purity`.
     """
-    import pandas as pd
-
     mlp = _check_mlp(mlp)
     X = _check_images("X", X, mlp.d_in)
     y = _check_labels("y", y, X.shape[0])
@@ -730,3 +752,86 @@ def unit_explorer(
     unit.observe(_show, names="value")
     _show()
     return widgets.VBox([widgets.HBox([source, unit]), out])
+
+
+@one_thread
+def sae_diagnostics(
+    mlp: MLP,
+    sae: SAE,
+    X: Float[np.ndarray, "n 784"],
+    y: Int[np.ndarray, "n"],
+    *,
+    top_k: int = 64,
+    method: str | None = None,
+    threshold: float | None = None,
+) -> dict[str, float]:
+    """Numbers beside `sae_metrics` that explain it.
+
+    Keys:
+        clusters_per_latent: mean over live latents of the feature clusters (2+ members) of their top
+            `top_k` examples (`unit_table`).
+        encoder_width: mean over live latents of `nbutils.sae.encoder_participation` (how many MLP neurons
+            a latent reads; a latent reading few has alike embeddings whatever the input).
+        train_s: training time in seconds.
+    """
+    _check_pair(mlp, sae)
+    table = unit_table(mlp, X, y, sae=sae, top_k=top_k, method=method, threshold=threshold, progress=False)
+    width = encoder_participation(sae)[torch.as_tensor(table["unit"].to_numpy(), dtype=torch.long)]
+    return {
+        "clusters_per_latent": float(table["n_clusters"].mean()) if len(table) else float("nan"),
+        "encoder_width": float(width.mean()) if len(table) else float("nan"),
+        "train_s": float(sae.train_seconds),
+    }
+
+
+def plot_tradeoff(results: pd.DataFrame, *, metrics: tuple[str, ...] = ("dead_frac", "mono", "l0", "fve", "purity", "spliced_acc")):
+    """One panel per metric against the monosemanticity coefficient λm, one line per form of the term.
+
+    Args:
+        results: one row per trained SAE with columns `form, mono_coef` and the metrics; rows with
+            `mono_coef == 0` (the standard SAE) are drawn as the start of every line.
+    """
+    import matplotlib.pyplot as plt
+
+    missing = {"form", "mono_coef", *metrics} - set(results.columns)
+    if missing:
+        fail("results", f"have columns form, mono_coef, {', '.join(metrics)}", f"missing {sorted(missing)}")
+    base = results[results["mono_coef"] == 0]
+    n_cols = 3
+    n_rows = -(-len(metrics) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(5 * n_cols, 3.6 * n_rows), squeeze=False)
+    for ax, metric in zip(axes.ravel(), metrics):
+        for form, part in results[results["mono_coef"] > 0].groupby("form", sort=False):
+            part = pd.concat([base.assign(form=form), part]).groupby("mono_coef")[metric].mean()
+            ax.plot(part.index, part.values, marker="o", label=form)
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.set(title=metric, xlabel="monosemanticity coefficient λm (0 = standard SAE)", ylabel=metric)
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[len(metrics):]:
+        ax.axis("off")
+    axes[0, 0].legend(title="form of the term")
+    fig.suptitle("SAE metrics on the test digits as λm grows, per batch form of the monosemanticity term")
+    fig.tight_layout()
+    return fig
+
+
+def plot_representation_purity(results: pd.DataFrame):
+    """Mean digit purity of MLP-neuron clusters against the mean number of clusters per neuron, one line per
+    representation (points: clustering thresholds). Input: `representation_purity` rows with a `threshold`."""
+    import matplotlib.pyplot as plt
+
+    if not {"representation", "threshold", "n_clusters", "cluster_purity"} <= set(results.columns):
+        fail("results", "have columns representation, threshold, n_clusters, cluster_purity", sorted(results.columns))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for rep, part in results.groupby("representation", sort=False):
+        mean = part.groupby("threshold")[["n_clusters", "cluster_purity"]].mean()
+        ax.plot(mean["n_clusters"], mean["cluster_purity"], marker="o", label=rep)
+        for t, row in mean.iterrows():
+            ax.annotate(f"{t:g}", (row["n_clusters"], row["cluster_purity"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(title="Digit purity of MLP-neuron feature clusters by representation",
+           xlabel="mean clusters (2+ members) per neuron", ylabel="mean digit purity of the clusters")
+    ax.legend(title="clustered on")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+

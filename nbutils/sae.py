@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from dataclasses import asdict, dataclass
 from typing import Iterator, Literal
 
@@ -128,6 +129,7 @@ class SAE(nn.Module):
         source: fingerprint of the model whose activations it was trained on ("" if none).
         config: the `SAEConfig` it was trained with (None for a hand-built SAE).
         history: per-step training losses (dict of lists), empty for a hand-built SAE.
+        train_seconds: wall-clock training time (0 for a hand-built SAE).
     """
 
     def __init__(self, d_in: int, n_latents: int, *, seed: int = 0) -> None:
@@ -144,6 +146,7 @@ class SAE(nn.Module):
         self.source = ""
         self.config: SAEConfig | None = None
         self.history: dict[str, list[float]] = {}
+        self.train_seconds = 0.0
 
     @property
     def d_in(self) -> int:
@@ -297,7 +300,8 @@ def train_sae_on(
         progress: show a tqdm bar.
 
     Returns:
-        The trained `SAE` (eval mode) with `config` and `history` (per-step `mse`, `l1`, `mono`, `l0`).
+        The trained `SAE` (eval mode) with `config`, `history` (per-step `mse`, `l1`, `mono`, `l0`) and
+        `train_seconds`.
     """
     x = _check_activations("x", x)
     gen = torch.Generator().manual_seed(config.seed)
@@ -307,8 +311,10 @@ def train_sae_on(
     sae.config = config
     opt = torch.optim.Adam(sae.parameters(), lr=config.lr)
     history: dict[str, list[float]] = {"mse": [], "l1": [], "mono": [], "l0": []}
+    start = time.perf_counter()
     with single_thread():
         _train_loop(sae, x, config, opt, gen, history, progress)
+    sae.train_seconds = time.perf_counter() - start
     sae.history = history
     return sae.eval()
 

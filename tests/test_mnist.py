@@ -313,3 +313,13 @@ def test_bad_input_messages(mlp, trained_sae, digits):
         mnist.unit_view(mlp, X_te, y_te, 64)
     with pytest.raises(TypeError, match="`mlp` must be an nbutils.mnist.MLP"):
         mnist.mlp_accuracy(object(), X_te[:3], y_te[:3])
+
+
+def test_label_checks():
+    mlp = _tiny_mlp()
+    X = _images([[1.0, 0.0], [0.0, 1.0]])
+    assert mnist.mlp_accuracy(mlp, X, np.array([0.0, 1.0])) == 1.0  # integer-valued floats are fine
+    with pytest.raises(ValueError, match="`y` must hold integer digit labels; got dtype torch.float"):
+        mnist.mlp_accuracy(mlp, X, np.array([0.5, 1.0]))
+    with pytest.raises(ValueError, match="`y` must hold integer digit labels; got dtype torch.bool"):
+        mnist.mlp_accuracy(mlp, X, np.array([True, False]))
