@@ -58,6 +58,12 @@ __all__ = [
     "neuron_clusters",
     "polysemy_table",
     "POLYSEMY_COLUMNS",
+    "LayerExamples",
+    "layer_examples",
+    "threshold_sweep",
+    "compare_spaces",
+    "SPACES",
+    "mlp_activation",
 ]
 
 METHODS: tuple[str, ...] = ("adaptive", "agglomerative", "threshold", "hdbscan")
@@ -548,7 +554,65 @@ def _pre_mlp_vectors(
 
 
 POLYSEMY_COLUMNS = ("layer", "neuron", "n_examples", "n_clusters", "n_singletons", "effective_clusters",
-                    "monosemanticity", "dead")
+                    "monosemanticity", "largest_cluster", "dead")
+
+
+@dataclass(frozen=True)
+class LayerExamples:
+    """The examples of every neuron of one layer with their pre-MLP vectors, read in one batched pass.
+
+    Attributes:
+        layer: the MLP layer.
+        examples: the layer's rows of `top.examples` (sorted by neuron, act desc).
+        keys: `[n_unique]` sorted example keys `window * n_pos + pos` (an example shared by several neurons
+            is read once).
+        h: `[n_unique, d_model]` float64 pre-MLP vectors of `keys`.
+        inverse: `[len(examples)]` row of `h` of each example.
+        bounds: `[d_mlp + 1]`; the examples of neuron j are rows `bounds[j]:bounds[j + 1]` of `examples`.
+        W: `[d_model, d_mlp]` float64 input weights (same LayerNorm convention as h); b: `[d_mlp]` bias.
+        n_pos: window length.
+    """
+
+    layer: int
+    examples: Any
+    keys: np.ndarray
+    h: np.ndarray
+    inverse: np.ndarray
+    bounds: np.ndarray
+    W: np.ndarray
+    b: np.ndarray
+    n_pos: int
+
+    def rows(self, neuron: int) -> np.ndarray:
+        """Rows of `h` of one neuron's examples, highest activation first."""
+        return self.inverse[self.bounds[neuron] : self.bounds[neuron + 1]]
+
+    def embeddings(self, neuron: int) -> Float[np.ndarray, "n d_model"]:
+        """Neuron embeddings `h ⊙ w` of one neuron's examples `[n, d_model]`."""
+        return self.h[self.rows(neuron)] * self.W[:, neuron]
+
+
+def layer_examples(
+    model: Any, windows: Any, top: Any, layer: int, *, fold_ln: bool = True, batch_size: int = 64
+) -> LayerExamples:
+    """Read the pre-MLP vectors of all the examples of one layer in one batched pass (each needed window
+    runs once, only up to its last needed position)."""
+    from nbutils import embeddings
+    from nbutils.models import check_layer, check_windows
+
+    layer = check_layer(model, layer)
+    _check_top(model, top)
+    windows = check_windows(model, windows)
+    ex = _layer_examples(top, windows, layer)
+    n_pos = windows.shape[1]
+    key = ex["window"].to_numpy() * n_pos + ex["pos"].to_numpy()  # one key per (window, pos)
+    unique, inverse = np.unique(key, return_inverse=True)
+    h = _pre_mlp_vectors(model, windows, layer, unique // n_pos, unique % n_pos, fold_ln=fold_ln,
+                         batch_size=batch_size)  # [n_unique, d_model]
+    W, b = embeddings.mlp_in_weights(model, layer, fold_ln=fold_ln)
+    bounds = np.searchsorted(ex["neuron"].to_numpy(), np.arange(model.cfg.d_mlp + 1))
+    return LayerExamples(layer=layer, examples=ex, keys=unique, h=h, inverse=inverse.reshape(-1), bounds=bounds,
+                         W=W.numpy().astype(np.float64), b=b.numpy().astype(np.float64), n_pos=n_pos)
 
 
 def polysemy_table(
@@ -562,6 +626,7 @@ def polysemy_table(
     fold_ln: bool = True,
     batch_size: int = 64,
     progress: bool = False,
+    examples: LayerExamples | None = None,
 ) -> "Any":
     """Polysemy of every neuron of one layer, from the clusters of its neuron embeddings.
 
@@ -575,47 +640,165 @@ def polysemy_table(
         fold_ln: LayerNorm convention of the embeddings.
         batch_size: windows per forward pass.
         progress: show a tqdm bar over neurons.
+        examples: this layer's `layer_examples(...)`, if already read (skips the pass over the windows).
 
     Returns:
         DataFrame, one row per neuron of the layer: `layer, neuron, n_examples, n_clusters, n_singletons,
         effective_clusters` (`effective_n_clusters`), `monosemanticity` (mean pairwise cosine; NaN with
-        fewer than 2 examples) and `dead` (no examples: counts 0, effective_clusters 0.0, NaN).
+        fewer than 2 examples), `largest_cluster` (size of cluster 0) and `dead` (no examples: counts 0,
+        effective_clusters 0.0, monosemanticity NaN).
     """
     import pandas as pd
     from threadpoolctl import threadpool_limits
     from tqdm.auto import tqdm
 
-    from nbutils import embeddings
-    from nbutils.models import check_layer, check_windows
-
-    layer = check_layer(model, layer)
-    _check_top(model, top)
-    windows = check_windows(model, windows)
     method = check_choice("method", DEFAULT_METHOD if method is None else method, METHODS)
     t = _check_threshold(method, threshold, 0)
-    ex = _layer_examples(top, windows, layer)
-    n_pos = windows.shape[1]
-    key = ex["window"].to_numpy() * n_pos + ex["pos"].to_numpy()  # one key per (window, pos)
-    unique, inverse = np.unique(key, return_inverse=True)
-    h = _pre_mlp_vectors(model, windows, layer, unique // n_pos, unique % n_pos, fold_ln=fold_ln,
-                         batch_size=batch_size)  # [n_unique, d_model]
-    W, _ = embeddings.mlp_in_weights(model, layer, fold_ln=fold_ln)
-    W = W.numpy().astype(np.float64)  # [d_model, d_mlp]
-    neurons = ex["neuron"].to_numpy()
-    d_mlp = model.cfg.d_mlp
-    bounds = np.searchsorted(neurons, np.arange(d_mlp + 1))  # rows of each neuron (examples sorted by neuron)
+    lx = examples if examples is not None else layer_examples(model, windows, top, layer, fold_ln=fold_ln,
+                                                              batch_size=batch_size)
+    layer = lx.layer
+    h, W, inverse, bounds, d_mlp = lx.h, lx.W, lx.inverse, lx.bounds, model.cfg.d_mlp
     rows = []
     with threadpool_limits(1):  # tiny matrices: BLAS threads only add overhead
         for neuron in tqdm(range(d_mlp), desc=f"layer {layer} clusters", disable=not progress):
             idx = inverse[bounds[neuron] : bounds[neuron + 1]]
             n = len(idx)
             if n == 0:
-                rows.append((layer, neuron, 0, 0, 0, 0.0, float("nan"), True))
+                rows.append((layer, neuron, 0, 0, 0, 0.0, float("nan"), 0, True))
                 continue
             e = h[idx] * W[:, neuron]  # [n, d_model]
             sim = cosine_similarity(e)
             labels = _labels_from_similarity(sim, method, t)
             sizes = np.bincount(labels)
             rows.append((layer, neuron, n, len(sizes), int((sizes == 1).sum()), effective_n_clusters(labels),
-                         _mono_from_similarity(sim), False))
+                         _mono_from_similarity(sim), int(sizes[0]), False))
     return pd.DataFrame(rows, columns=list(POLYSEMY_COLUMNS))
+
+
+def threshold_sweep(
+    model: Any,
+    windows: Any,
+    top: Any,
+    layer: int,
+    grid: dict[str, list[float]] | None = None,
+    *,
+    examples: LayerExamples | None = None,
+) -> "Any":
+    """How the clusters of a whole layer change with the method's threshold (h is read once).
+
+    Args:
+        model, windows, top, layer: as in `polysemy_table`.
+        grid: `{method: [thresholds]}`; default `DEFAULT_GRID`.
+        examples: this layer's `layer_examples(...)`, if already read.
+
+    Returns:
+        DataFrame, one row per (method, threshold): `method, threshold, n_neurons` (live),
+        `mean_clusters, mean_effective_clusters, singleton_share` (share of examples alone in their cluster),
+        `largest_share` (mean share of a neuron's examples in its largest cluster), `monosemantic_share`
+        (share of neurons with effective_clusters <= 1.5).
+    """
+    import pandas as pd
+
+    grid = DEFAULT_GRID if grid is None else grid
+    lx = examples if examples is not None else layer_examples(model, windows, top, layer)
+    rows = []
+    for method, thresholds in grid.items():
+        check_choice("method", method, METHODS)
+        for t in thresholds:
+            table = polysemy_table(model, windows, top, lx.layer, method=method, threshold=t, examples=lx)
+            live = table[~table.dead]
+            rows.append(dict(
+                method=method, threshold=t, n_neurons=len(live),
+                mean_clusters=live.n_clusters.mean(),
+                mean_effective_clusters=live.effective_clusters.mean(),
+                singleton_share=live.n_singletons.sum() / max(1, live.n_examples.sum()),
+                largest_share=(live.largest_cluster / live.n_examples).mean(),
+                monosemantic_share=(live.effective_clusters <= 1.5).mean(),
+            ))
+    return pd.DataFrame(rows)
+
+
+SPACES = ("embedding", "h", "pattern")
+
+
+def mlp_activation(model: Any, pre: np.ndarray) -> np.ndarray:
+    """The model's MLP activation function applied to pre-activations (gelu variants, relu, silu)."""
+    import torch
+
+    name = model.cfg.act_fn
+    x = torch.as_tensor(np.asarray(pre, dtype=np.float64))
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return torch.nn.functional.gelu(x, approximate="tanh").numpy()
+    if name == "gelu":
+        return torch.nn.functional.gelu(x).numpy()
+    if name == "relu":
+        return torch.relu(x).numpy()
+    if name in ("silu", "swish"):
+        return torch.nn.functional.silu(x).numpy()
+    fail("model", "use a gelu, relu or silu MLP activation", repr(name))
+
+
+def compare_spaces(
+    model: Any,
+    windows: Any,
+    top: Any,
+    layer: int,
+    neurons: Any,
+    *,
+    method: str | None = None,
+    threshold: float | int | None = None,
+    pattern: int = 8,
+    examples: LayerExamples | None = None,
+) -> "Any":
+    """Cluster the same examples of each neuron in three spaces and score the clusters against tokens.
+
+    Spaces (`SPACES`): `"embedding"` (neuron embeddings `h ⊙ w`), `"h"` (the plain pre-MLP vectors) and
+    `"pattern"` (the neuron's activation at the `pattern` positions ending at the activating token, zero
+    before the window starts). The same method clusters all three (`cluster`; the default is scale-free).
+
+    Args:
+        model, windows, top, layer: as in `polysemy_table`.
+        neurons: neurons of `layer` to compare (dead ones are skipped).
+        method, threshold: as in `cluster`.
+        pattern: positions in the activation pattern.
+        examples: this layer's `layer_examples(...)`, if already read.
+
+    Returns:
+        DataFrame, one row per (neuron, space): `neuron, space, n_examples, n_clusters, effective_clusters,
+        ami_token` (adjusted mutual information between clusters and the activating token) and
+        `ami_prev_token` (the same for the token before it).
+    """
+    import pandas as pd
+    from sklearn.metrics import adjusted_mutual_info_score
+
+    from nbutils import embeddings
+    from nbutils.models import check_neuron
+
+    method = check_choice("method", DEFAULT_METHOD if method is None else method, METHODS)
+    t = _check_threshold(method, threshold, 0)
+    pattern = check_int_range("pattern", pattern, 1, 10_000)
+    lx = examples if examples is not None else layer_examples(model, windows, top, layer)
+    neurons = [check_neuron(model, n) for n in np.atleast_1d(np.asarray(neurons))]
+    neurons = [n for n in neurons if lx.bounds[n + 1] > lx.bounds[n]]
+    windows_np = windows.numpy()
+    rows = []
+    for neuron in neurons:
+        ex = lx.examples.iloc[lx.bounds[neuron] : lx.bounds[neuron + 1]]
+        w, p = ex["window"].to_numpy(), ex["pos"].to_numpy()
+        offsets = np.arange(-pattern + 1, 1)  # [pattern]
+        pos = p[:, None] + offsets  # [n, pattern]
+        valid = pos >= 0
+        pre = embeddings.pre_activations(model, windows, lx.layer, np.repeat(w, pattern)[valid.reshape(-1)],
+                                         pos[valid])[:, neuron].numpy()  # [n_valid]
+        acts = np.zeros(pos.shape)
+        acts[valid] = mlp_activation(model, pre)
+        spaces = {"embedding": lx.embeddings(neuron), "h": lx.h[lx.rows(neuron)], "pattern": acts}
+        token = windows_np[w, p]
+        prev = np.where(p > 0, windows_np[w, np.maximum(p - 1, 0)], -1)
+        for space, x in spaces.items():
+            labels = _labels_from_similarity(cosine_similarity(x), method, t)
+            rows.append(dict(neuron=neuron, space=space, n_examples=len(ex), n_clusters=int(labels.max()) + 1,
+                             effective_clusters=effective_n_clusters(labels),
+                             ami_token=adjusted_mutual_info_score(token, labels),
+                             ami_prev_token=adjusted_mutual_info_score(prev, labels)))
+    return pd.DataFrame(rows)

@@ -19,7 +19,7 @@ from torch import Tensor
 from nbutils._validation import check_int_range, fail
 from nbutils.models import check_layer, check_neuron, check_windows, hook_name
 
-__all__ = ["neutral_token", "ablation_drops", "token_importance"]
+__all__ = ["neutral_token", "ablation_drops", "token_importance", "neuron_activations"]
 
 
 def neutral_token(model: Any) -> int:
@@ -111,3 +111,29 @@ def token_importance(
     if top <= 0:
         return np.zeros_like(drops)
     return np.clip(drops / top, 0.0, 1.0)
+
+
+@torch.inference_mode()
+def neuron_activations(
+    model: Any,
+    windows: Int[Tensor, "n_windows window"],
+    layer: int,
+    neuron: int,
+    *,
+    batch_size: int = 64,
+) -> Float[np.ndarray, "n_windows window"]:
+    """Activation of one neuron at every position of each window (to colour tokens by activation).
+
+    Returns:
+        `[n_windows, window]` float64.
+    """
+    layer, neuron = check_layer(model, layer), check_neuron(model, neuron)
+    windows = check_windows(model, windows)
+    name = hook_name(layer, "post")
+    device = next(model.parameters()).device
+    parts = []
+    for start in range(0, len(windows), batch_size):
+        _, cache = model.run_with_cache(windows[start : start + batch_size].to(device), names_filter=[name],
+                                        stop_at_layer=layer + 1)
+        parts.append(cache[name][:, :, neuron].double().cpu())  # [batch, window]
+    return torch.cat(parts).numpy()

@@ -25,12 +25,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from jaxtyping import Float
 
 from nbutils import clustering
-from nbutils._validation import check_choice, check_int_range, check_matrix, fail
-from nbutils.models import check_layer, check_windows
+from nbutils._validation import check_choice, check_int_range, check_matrix
 
 __all__ = ["SPACES", "BACKENDS", "EXACT_MAX", "LayerFeatures", "layer_features", "nearest_neighbours",
            "similar_features"]
@@ -58,20 +56,6 @@ class LayerFeatures:
     cross_act: np.ndarray
 
 
-def _activation(model: Any, pre: np.ndarray) -> np.ndarray:
-    name = model.cfg.act_fn
-    x = torch.as_tensor(pre)
-    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        return torch.nn.functional.gelu(x, approximate="tanh").numpy()
-    if name == "gelu":
-        return torch.nn.functional.gelu(x).numpy()
-    if name == "relu":
-        return torch.relu(x).numpy()
-    if name in ("silu", "swish"):
-        return torch.nn.functional.silu(x).numpy()
-    fail("model", "use a gelu, relu or silu MLP activation", repr(name))
-
-
 def layer_features(
     model: Any,
     windows: Any,
@@ -83,32 +67,23 @@ def layer_features(
     min_size: int = 3,
     fold_ln: bool = True,
     batch_size: int = 64,
+    examples: "clustering.LayerExamples | None" = None,
 ) -> LayerFeatures:
     """Cluster every live neuron of `layer` (one batched pass for h, as `clustering.polysemy_table`) and
-    keep the clusters of at least `min_size` examples as features."""
+    keep the clusters of at least `min_size` examples as features. `examples`: this layer's
+    `clustering.layer_examples(...)`, if already read."""
     from threadpoolctl import threadpool_limits
 
-    from nbutils import embeddings
-
-    layer = check_layer(model, layer)
-    clustering._check_top(model, top)
-    windows = check_windows(model, windows)
     min_size = check_int_range("min_size", min_size, 1, 10**9)
     method = check_choice("method", clustering.DEFAULT_METHOD if method is None else method, clustering.METHODS)
     t = clustering._check_threshold(method, threshold, 0)
-    ex = clustering._layer_examples(top, windows, layer)
-    n_pos = windows.shape[1]
-    key = ex["window"].to_numpy() * n_pos + ex["pos"].to_numpy()
-    unique, inverse = np.unique(key, return_inverse=True)
-    h = clustering._pre_mlp_vectors(model, windows, layer, unique // n_pos, unique % n_pos, fold_ln=fold_ln,
-                                    batch_size=batch_size)  # [n_unique, d_model]
-    W, b = embeddings.mlp_in_weights(model, layer, fold_ln=fold_ln)
-    W, b = W.numpy().astype(np.float64), b.numpy().astype(np.float64)  # [d_model, d_mlp], [d_mlp]
-    acts = _activation(model, h @ W + b)  # [n_unique, d_mlp] every neuron at every example of the layer
+    lx = examples if examples is not None else clustering.layer_examples(model, windows, top, layer, fold_ln=fold_ln,
+                                                                         batch_size=batch_size)
+    layer, ex, unique, inverse, bounds, n_pos = lx.layer, lx.examples, lx.keys, lx.inverse, lx.bounds, lx.n_pos
+    h, W, b = lx.h, lx.W, lx.b
+    acts = clustering.mlp_activation(model, h @ W + b)  # [n_unique, d_mlp] every neuron at every example of the layer
     max_act = top.max_act[layer].numpy().astype(np.float64)  # [d_mlp]
     scale = np.where(max_act > 0, max_act, np.nan)
-    neurons = ex["neuron"].to_numpy()
-    bounds = np.searchsorted(neurons, np.arange(model.cfg.d_mlp + 1))
     acts_ex = ex["act"].to_numpy()
     rows, emb, hv, members, cross = [], [], [], [], []
     with threadpool_limits(1):

@@ -267,3 +267,26 @@ def test_neuron_errors(model, windows, top):
         clustering.polysemy_table(model, windows, top, 0, method="kmeans")
     with pytest.raises(TypeError, match="`top` must be a TopActivations"):
         clustering.polysemy_table(model, windows, top.examples, 0)
+
+
+def test_threshold_sweep_monotone(model, windows, top):
+    lx = clustering.layer_examples(model, windows, top, LAYER)
+    sweep = clustering.threshold_sweep(model, windows, top, LAYER, {"adaptive": [0.5, 0.7, 0.9], "threshold": [0.3, 0.6]},
+                                       examples=lx)
+    assert len(sweep) == 5 and sweep.n_neurons.nunique() == 1
+    for _, part in sweep.groupby("method"):
+        # a higher threshold only splits clusters: more clusters, a smaller largest cluster
+        assert part.mean_clusters.is_monotonic_increasing and part.largest_share.is_monotonic_decreasing
+    table = clustering.polysemy_table(model, windows, top, LAYER, method="adaptive", threshold=0.7, examples=lx)
+    row = sweep[(sweep.method == "adaptive") & (sweep.threshold == 0.7)].iloc[0]
+    assert row.mean_clusters == pytest.approx(table[~table.dead].n_clusters.mean())
+
+
+def test_compare_spaces(model, windows, top):
+    neurons = _live_neurons(top, LAYER, n=3)
+    out = clustering.compare_spaces(model, windows, top, LAYER, neurons)
+    assert len(out) == 3 * len(neurons) and set(out.space) == set(clustering.SPACES)
+    assert (out.n_clusters >= 1).all() and out.ami_token.le(1 + 1e-9).all()
+    embedding = out[out.space == "embedding"].set_index("neuron")
+    table = clustering.polysemy_table(model, windows, top, LAYER).set_index("neuron")
+    assert (embedding.n_clusters == table.loc[embedding.index, "n_clusters"]).all()  # same clusters as the table

@@ -86,3 +86,13 @@ def test_importance_errors(model, windows):
         importance.token_importance(model, windows[0], 3, 0, 600)
     with pytest.raises(TypeError, match="`tokens` must be a LongTensor"):
         importance.token_importance(model, [1, 2, 3], 1, 0, 0)
+
+
+def test_neuron_activations_match_collected_examples(model, windows):
+    from nbutils import activations
+
+    top = activations.collect_top_activations(model, windows, k=4, use_cache=False, progress=False)
+    ex = top.neuron_examples(2, 7)
+    acts = importance.neuron_activations(model, windows[ex.window.to_numpy().copy()], 2, 7)  # [n, window]
+    np.testing.assert_allclose(acts[np.arange(len(ex)), ex.pos.to_numpy()], ex.act.to_numpy(), atol=1e-5)
+    np.testing.assert_allclose(acts.max(axis=1), ex.act.to_numpy(), atol=1e-5)  # pos is each window's max
