@@ -140,6 +140,12 @@ def _expected_tabs(summary: str) -> int:
     return clusters - singles + (1 if singles else 0)
 
 
+def _consistent(state: dict) -> bool:
+    """The explorer is drawn and its tabs match its summary line (updates reach the page one widget at a time)."""
+    return bool(state["summary"]) and "clusters (" in state["summary"] and len(state["tabs"]) > 0 \
+        and len(state["tabs"]) == _expected_tabs(state["summary"])
+
+
 def test_voila_serves_the_explorer_and_the_random_button_changes_the_tabs(tmp_path):
     started = time.time()
     shot = _env.cache_dir() / "screenshots" / "explorer.png"
@@ -147,8 +153,7 @@ def test_voila_serves_the_explorer_and_the_random_button_changes_the_tabs(tmp_pa
     with voila_server(NOTEBOOK, tmp_path / "voila.log") as url, chromium() as driver:
         driver.set_page_load_timeout(PAGE_TIMEOUT)
         driver.get(url)
-        before = _wait(driver, lambda s: bool(s["summary"]) and len(s["tabs"]) > 0, PAGE_TIMEOUT,
-                       "the explorer's widgets")
+        before = _wait(driver, _consistent, PAGE_TIMEOUT, "the explorer's widgets")
         loaded = time.time() - started
         assert not before["traceback"], "the page shows a Python traceback"
         assert before["umap"], "the UMAP image of the explorer is missing"
@@ -157,8 +162,8 @@ def test_voila_serves_the_explorer_and_the_random_button_changes_the_tabs(tmp_pa
 
         clicked = time.time()
         driver.execute_script("document.querySelector('.ne-random').click()")
-        after = _wait(driver, lambda s: bool(s["summary"]) and neuron not in s["summary"] and len(s["tabs"]) > 0,
-                      CHANGE_TIMEOUT, "another neuron after pressing the random button")
+        after = _wait(driver, lambda s: _consistent(s) and neuron not in s["summary"], CHANGE_TIMEOUT,
+                      "another neuron after pressing the random button")
         response = time.time() - clicked
         assert len(after["tabs"]) == _expected_tabs(after["summary"])  # the tabs follow the new clustering
         new_neuron = re.search(r"Layer \d+, neuron \d+", after["summary"]).group(0)
