@@ -24,6 +24,8 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from nbutils import clustering, embeddings, viz
 from nbutils._validation import check_choice, check_int_range
@@ -46,22 +48,25 @@ __all__ = [
     "on_mode",
     "on_tab",
     "threshold_range",
+    "examples_html",
+    "POLYSEMANTIC_MIN",
+    "N_SIMILAR",
 ]
 
 MODES: tuple[str, ...] = ("activation", "importance")
 POLYSEMANTIC_MIN = 1.5  # a neuron is polysemantic when its effective number of clusters is at least this
-_N_SIMILAR = 5  # similar-feature buttons per cluster
+N_SIMILAR = 5  # similar-feature buttons per cluster
 
 
 def threshold_range(method: str) -> tuple[float, float, float, float]:
     """Slider `(min, max, step, default)` of `threshold` for a clustering method (see `clustering.cluster`)."""
     method = check_choice("method", method, clustering.METHODS)
-    defaults = getattr(clustering, "DEFAULT_THRESHOLDS", {})
+    default = float(clustering.DEFAULT_THRESHOLDS[method])
     if method == "hdbscan":  # min_cluster_size
-        return 2.0, 30.0, 1.0, float(defaults.get(method, 5))
+        return 2.0, 30.0, 1.0, default
     if method == "adaptive":  # a multiple of the neuron's own neighbour similarity
-        return 0.05, 2.0, 0.05, float(defaults.get(method, 0.7))
-    return 0.0, 1.0, 0.01, float(defaults.get(method, 0.5))  # a cosine similarity
+        return 0.05, 2.0, 0.05, default
+    return 0.0, 1.0, 0.01, default  # a cosine similarity
 
 
 @dataclass
@@ -86,8 +91,8 @@ class ExplorerState:
     mode: str = "activation"
     history: list[tuple[int, int]] = field(default_factory=list)
     tab: int = 0
-    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    central: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    labels: Int[np.ndarray, "n_examples"] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    central: Int[np.ndarray, "n_clusters"] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     message: str = ""
 
 
@@ -105,9 +110,9 @@ class NeuronData:
     """
 
     examples: pd.DataFrame
-    h: np.ndarray
-    e: np.ndarray
-    acts: np.ndarray
+    h: Float[np.ndarray, "n_examples d_model"]
+    e: Float[np.ndarray, "n_examples d_model"]
+    acts: Float[np.ndarray, "n_examples window"]
     str_tokens: list[list[str]]
     layout: viz.Layout2D | None
 
@@ -138,7 +143,7 @@ class Explorer:
     def __init__(
         self,
         model: Any,
-        windows: torch.Tensor,
+        windows: Int[Tensor, "n_windows window"],
         top: Any,
         *,
         layer: int = 0,
@@ -190,7 +195,7 @@ class Explorer:
         self.random_button = w.Button(description="random polysemantic neuron", layout=w.Layout(width="220px"))
         self.back_button = w.Button(description="back", layout=w.Layout(width="70px"), disabled=True)
         self.method_picker = w.Dropdown(options=list(clustering.METHODS), value=method, description="method",
-                                        layout=w.Layout(width="220px"), style={"description_width": "50px"})
+                                        layout=w.Layout(width="230px"), style={"description_width": "60px"})
         self.threshold_slider = w.FloatSlider(value=float(threshold), min=low, max=high, step=step,
                                               description="threshold", continuous_update=False,
                                               readout_format=".2f", layout=w.Layout(width="320px"))
@@ -287,11 +292,12 @@ class Explorer:
         return self._neurons[key]
 
     def tokens_of(self, window: int) -> list[str]:
+        """Token strings of one window (cached)."""
         if window not in self._str_tokens:
             self._str_tokens[window] = list(self.model.to_str_tokens(self.windows[window]))
         return self._str_tokens[window]
 
-    def importance_of(self, layer: int, neuron: int, window: int, pos: int) -> np.ndarray:
+    def importance_of(self, layer: int, neuron: int, window: int, pos: int) -> Float[np.ndarray, "pos_plus_1"]:
         """Token importance `[pos + 1]` of one example (`importance.token_importance`, cached)."""
         key = (layer, neuron, window, pos)
         if key not in self._importance:
@@ -307,13 +313,14 @@ class Explorer:
             self._polysemy[layer] = clustering.polysemy_table(self.model, self.windows, self.top, layer)
         return self._polysemy[layer]
 
-    def similar_to(self, layer: int, neuron: int, row: int, k: int = _N_SIMILAR) -> pd.DataFrame:
+    def similar_to(self, layer: int, neuron: int, row: int, k: int = N_SIMILAR) -> pd.DataFrame:
         """Features of other neurons of `layer` nearest to example `row` of `neuron` (a cluster's centre).
 
         Features are `similar.layer_features` of the layer (clusters of at least 3 examples under the
         default clustering, computed once per layer), compared by cosine similarity of their central
         example's vector in `similar_space` ("embedding": h ⊙ w, or "h") with the example's vector in
-        the same space. Returns `layer, neuron, cluster, size, similarity`, most similar first.
+        the same space. Returns `layer, neuron, cluster, size, similarity`, most similar first, one row per
+        neuron (its most similar feature).
         """
         from nbutils import similar
 
@@ -327,8 +334,9 @@ class Explorer:
         norms = np.linalg.norm(vectors, axis=1) * max(float(np.linalg.norm(query)), 1e-12)
         sims = vectors @ query / np.where(norms > 0, norms, 1.0)  # [n_features]
         other = np.flatnonzero(table["neuron"].to_numpy() != neuron)
-        best = other[np.argsort(-sims[other], kind="stable")[:k]]
-        return table.iloc[best].assign(similarity=sims[best]).reset_index(drop=True)
+        order = other[np.argsort(-sims[other], kind="stable")]
+        ranked = table.iloc[order].assign(similarity=sims[order])
+        return ranked.drop_duplicates("neuron").head(k).reset_index(drop=True)  # a button per neuron
 
 
 def _busiest_neuron(top: Any, layer: int) -> int:
@@ -340,8 +348,9 @@ def _busiest_neuron(top: Any, layer: int) -> int:
 
 @torch.inference_mode()
 def _neuron_pass(
-    model: Any, windows: torch.Tensor, layer: int, neuron: int, pos: np.ndarray, batch_size: int = 64
-) -> tuple[torch.Tensor, np.ndarray]:
+    model: Any, windows: Int[Tensor, "n window"], layer: int, neuron: int, pos: Int[np.ndarray, "n"],
+    batch_size: int = 64,
+) -> tuple[Float[Tensor, "n d_model"], Float[np.ndarray, "n window"]]:
     """One forward pass over a neuron's example windows `[n, window]` (each example its own window).
 
     Returns h at each example's activating position `[n, d_model]` (the folded-LayerNorm h of
@@ -395,8 +404,7 @@ def on_random(ex: Explorer) -> None:
     table = ex.polysemy(ex.state.layer)
     table = table[(table["n_examples"] > 0) & (table["neuron"] != ex.state.neuron)]
     if table.empty:
-        ex.state.message = f"Layer {ex.state.layer} has no other neuron with examples."
-        _render_summary(ex)
+        ex.history_line.value += f" · layer {ex.state.layer} has no other neuron with examples"
         return
     pool = table[table["effective_clusters"] >= POLYSEMANTIC_MIN]
     if pool.empty:
@@ -502,7 +510,7 @@ def _tab_rows(ex: Explorer, clusters: np.ndarray) -> np.ndarray:
 
 
 def _render(ex: Explorer) -> None:
-    _render_summary(ex)
+    """Map, tabs, then the summary line: when the summary names the new neuron, the rest is drawn."""
     fig = ex.figure()
     if fig is None:
         ex.image.value = b""
@@ -511,6 +519,7 @@ def _render(ex: Explorer) -> None:
         ex.image.value = viz.figure_png(fig)
         ex.image.layout.display = None
     _render_tabs(ex)
+    _render_summary(ex)
 
 
 def _render_summary(ex: Explorer) -> None:
@@ -527,7 +536,7 @@ def _render_summary(ex: Explorer) -> None:
         note = f" · map: {data.layout.note}" if data.layout is not None and data.layout.note else ""
         ex.summary.value = (
             f"{head} · {len(data.e)} examples · {len(sizes)} clusters ({n_single} singletons) · "
-            f"effective clusters {eff:.2f} · monosemanticity {mono:.2f} · "
+            f"effective clusters {eff:.2f} · monosemanticity {'n/a' if np.isnan(mono) else f'{mono:.2f}'} · "
             f"{html.escape(s.method)} at {s.threshold:g}{html.escape(note)}"
         )
     trail = " → ".join(f"L{l}/N{n}" for l, n in s.history[-8:])
@@ -613,7 +622,7 @@ def _similar_buttons(ex: Explorer, clusters: np.ndarray) -> list:
     return buttons
 
 
-def neuron_explorer(model: Any, windows: torch.Tensor, top: Any, **kwargs: Any) -> Any:
+def neuron_explorer(model: Any, windows: Int[Tensor, "n_windows window"], top: Any, **kwargs: Any) -> Any:
     """The per-neuron explorer as one ipywidgets widget (`Explorer.widget`; `.explorer` gives the state).
 
     Args:

@@ -6,6 +6,7 @@ import dataclasses
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import traitlets
@@ -25,6 +26,11 @@ def busy(top) -> tuple[int, int]:
     neuron = int(rows.iloc[0]["neuron"])
     assert int(rows.iloc[0]["n_examples"]) >= 10
     return 1, neuron
+
+
+@pytest.fixture(scope="module")
+def polysemy(model, windows, top, busy):
+    return clustering.polysemy_table(model, windows, top, busy[0])
 
 
 @pytest.fixture
@@ -101,11 +107,11 @@ def test_layer_and_neuron_pickers(ex, model):
         explorer.on_neuron(ex, -1)
 
 
-def test_random_button_and_back(ex, model, windows, top):
+def test_random_button_and_back(ex, polysemy):
     start = (ex.state.layer, ex.state.neuron)
-    ex.random_button.click()
-    table = clustering.polysemy_table(model, windows, top, ex.state.layer)
-    picked = table[table["neuron"] == ex.state.neuron].iloc[0]
+    ex.random_button.click()  # computes the layer's polysemy table itself
+    pd.testing.assert_frame_equal(ex.polysemy(ex.state.layer), polysemy)
+    picked = polysemy[polysemy["neuron"] == ex.state.neuron].iloc[0]
     assert ex.state.neuron != start[1] and ex.state.layer == start[0]
     assert picked["effective_clusters"] >= explorer.POLYSEMANTIC_MIN
     assert len(ex.tabs.children) == len(_expected_titles(ex.state.labels))
@@ -119,13 +125,13 @@ def test_random_button_and_back(ex, model, windows, top):
     assert ex.back_button.disabled
     explorer.on_back(ex)  # nothing before the start
     assert ex.state.history == [start]
-    assert list(ex.neuron_picker.value for _ in [0]) == [start[1]]  # pickers follow the state
+    assert (ex.layer_picker.value, ex.neuron_picker.value) == start  # pickers follow the state
 
 
-def test_random_is_seeded(model, windows, top, busy):
+def test_random_is_seeded(model, windows, top, busy, polysemy):
     picks = []
     for _ in range(2):
-        ex = explorer.Explorer(model, windows, top, layer=busy[0], neuron=busy[1], seed=5)
+        ex = explorer.Explorer(model, windows, top, layer=busy[0], neuron=busy[1], seed=5, polysemy=polysemy)
         explorer.on_random(ex)
         picks.append(ex.state.neuron)
     assert picks[0] == picks[1]
@@ -180,7 +186,7 @@ def test_similar_feature_buttons_jump_to_their_neuron(ex, model, windows, top):
     from nbutils import similar
 
     buttons = [b for b in ex.tabs.children[0].children[0].children if hasattr(b, "click")]
-    assert len(buttons) == explorer._N_SIMILAR
+    assert len(buttons) == explorer.N_SIMILAR
     target = re.match(r"L(\d+)/N(\d+) \((-?[0-9.]+)\)", buttons[0].description)
     start = (ex.state.layer, ex.state.neuron)
     # the nearest feature of another neuron, by cosine of central-example neuron embeddings
@@ -192,6 +198,8 @@ def test_similar_feature_buttons_jump_to_their_neuron(ex, model, windows, top):
     best = int(np.argmax(sims))
     assert int(target.group(2)) == int(features.table["neuron"].iat[best]) != start[1]
     assert float(target.group(3)) == pytest.approx(sims[best], abs=0.005)
+    shown = [re.match(r"L\d+/N(\d+)", b.description).group(1) for b in buttons]
+    assert len(set(shown)) == len(shown)  # one button per neuron
     buttons[0].click()
     assert (ex.state.layer, ex.state.neuron) == (int(target.group(1)), int(target.group(2)))
     assert ex.state.history == [start, (ex.state.layer, ex.state.neuron)]
