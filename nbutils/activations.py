@@ -38,9 +38,9 @@ from torch import Tensor
 
 from nbutils import cache as _cache
 from nbutils._validation import check_float_range, check_int_range, fail
-from nbutils.models import check_windows, hook_name
+from nbutils.models import check_layer, check_neuron, check_windows, hook_name
 
-__all__ = ["CollectSettings", "TopActivations", "collect_top_activations", "merge"]
+__all__ = ["CollectSettings", "TopActivations", "collect_top_activations", "merge", "neuron_activations"]
 
 _NO_WINDOW = -1  # window id of an empty slot (fewer windows seen than k)
 _FORMAT = 1  # bump when the stored state changes meaning
@@ -458,3 +458,44 @@ def merge(a: TopActivations, b: TopActivations) -> TopActivations:
     corpus_id = _cache.text_fingerprint(json.dumps(sorted([a.corpus_id, b.corpus_id])))
     return TopActivations(*state, settings=a.settings, n_windows=a.n_windows + b.n_windows,
                           window_ranges=ranges, model_id=a.model_id, corpus_id=corpus_id)
+
+
+# --------------------------------------------------------------------------------------------------
+# One neuron along whole windows (for colouring tokens)
+
+
+def neuron_activations(
+    model: Any,
+    windows: Int[Tensor, "n_windows window"],
+    layer: int,
+    neuron: int,
+    window_ids: Any = None,
+    *,
+    batch_size: int = 64,
+) -> Float[Tensor, "n window"]:
+    """One neuron's activation (`hook_post`) at every position of some windows.
+
+    Args:
+        model: a TransformerBridge.
+        windows: token windows `[n_windows, window]`.
+        layer, neuron: the neuron.
+        window_ids: rows of `windows` to run `[n]` (e.g. `top.neuron_examples(layer, neuron)["window"]`);
+            `None` for all.
+        batch_size: windows per forward pass.
+
+    Returns:
+        `[n, window]` float32 on the CPU, row i for window `window_ids[i]`.
+    """
+    windows = check_windows(model, windows)
+    layer, neuron = check_layer(model, layer), check_neuron(model, neuron)
+    batch_size = check_int_range("batch_size", batch_size, 1, 2**31 - 1)
+    ids = torch.arange(len(windows)) if window_ids is None else torch.tensor(np.asarray(window_ids, dtype=np.int64)).reshape(-1)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(windows)):
+        fail("window_ids", f"hold rows of `windows` (0..{len(windows) - 1})", f"values from {int(ids.min())} to {int(ids.max())}")
+    name, device, out = hook_name(layer, "post"), _device(model), []
+    with torch.inference_mode():
+        for start in range(0, len(ids), batch_size):
+            batch = windows[ids[start : start + batch_size]].to(device)  # [batch, window]
+            _, acts = model.run_with_cache(batch, names_filter=[name], stop_at_layer=layer + 1)
+            out.append(acts[name][..., neuron].float().cpu())  # [batch, window]
+    return torch.cat(out) if out else torch.zeros(0, windows.shape[1])

@@ -370,6 +370,20 @@ def test_model_fingerprint_follows_weights(model):
     assert during != before and cache.model_fingerprint(model) == before
 
 
+def test_neuron_activations_match_examples(model, windows, top, full_acts):
+    ex = top.neuron_examples(2, 11)
+    along = activations.neuron_activations(model, windows, 2, 11, ex["window"].to_numpy(), batch_size=3)
+    assert along.shape == (len(ex), windows.shape[1])
+    torch.testing.assert_close(along, full_acts[2, torch.tensor(ex["window"].to_numpy()), :, 11], rtol=1e-5, atol=1e-6)
+    # the example's position is the window's maximum, and its act is the value there
+    assert (along.argmax(dim=1).numpy() == ex["pos"].to_numpy()).all()
+    np.testing.assert_allclose(along.max(dim=1).values.numpy(), ex["act"].to_numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"`window_ids` must hold rows of `windows` \(0\.\.47\)"):
+        activations.neuron_activations(model, windows, 2, 11, [0, 48])
+    with pytest.raises(ValueError, match=r"`layer` must be in 0\.\.3"):
+        activations.neuron_activations(model, windows, 4, 11)
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input
 
