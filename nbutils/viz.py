@@ -42,7 +42,8 @@ __all__ = [
 UMAP_MIN_POINTS = 10  # fewer examples than this: PCA instead of UMAP (the plot says so)
 # Colour of a token at the top of the scale, per kind of value (RGB).
 COLOURS: dict[str, tuple[int, int, int]] = {"activation": (230, 85, 13), "importance": (33, 113, 181)}
-_N_COLOURED = 10  # clusters with their own colour (tab10); the rest are grey
+_CLUSTER_COLOURS = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9")  # tab10 without its grey (C7)
+_N_COLOURED = len(_CLUSTER_COLOURS)  # clusters with their own colour; the rest are grey
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def umap_plot(
 ) -> Any:
     """Scatter plot of one neuron's examples in 2-D, coloured by cluster, central examples as stars.
 
-    The ten largest clusters of two or more examples get their own colour (legend gives size); other
+    The nine largest clusters of two or more examples get their own colour (legend gives size); other
     clusters and singletons are grey. When there are fewer than `UMAP_MIN_POINTS` examples the map is a
     PCA and the title says so.
 
@@ -170,7 +171,7 @@ def umap_plot(
         fail("layout", f"have coords of shape ({len(e)}, 2)", f"shape {layout.coords.shape}")
     xy = layout.coords
     sizes = np.bincount(labels)
-    colours = [f"C{i}" for i in range(_N_COLOURED)]
+    colours = list(_CLUSTER_COLOURS)
     fig = Figure(figsize=figsize)  # fixed margins: a constrained layout doubles the drawing time
     fig.subplots_adjust(left=0.14, right=0.97, bottom=0.12, top=0.86 if layout.note else 0.91)
     ax = fig.add_subplot()
