@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from jaxtyping import Float, Int
 
 from nbutils._validation import check_choice, check_float_range, check_int_range, check_matrix, fail
@@ -101,7 +102,7 @@ def canonical_labels(labels: Int[np.ndarray, "n"]) -> Int[np.ndarray, "n"]:
     return rank[inverse.reshape(-1)].astype(np.int64)
 
 
-def _check_threshold(method: str, threshold: Any, n: int) -> float:
+def _check_threshold(method: str, threshold: Any) -> float:
     if threshold is None:
         return DEFAULT_THRESHOLDS[method]
     if method == "hdbscan":
@@ -154,7 +155,7 @@ def cluster(
     e = check_matrix("e", e)
     method = check_choice("method", DEFAULT_METHOD if method is None else method, METHODS)
     n = e.shape[0]
-    t = _check_threshold(method, threshold, n)
+    t = _check_threshold(method, threshold)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     if n == 1:
@@ -373,7 +374,7 @@ def compare_methods(
     n_features: tuple[int, int] = (2, 5),
     noise: tuple[float, float] = (0.3, 1.0),
     seed: int = 0,
-) -> Any:
+) -> pd.DataFrame:
     """Adjusted Rand index of each (method, threshold) against planted features over random draws.
 
     Each draw picks n in {64, 128, 256}, d in {32, 64, 128}, a number of features in `n_features`,
@@ -392,7 +393,6 @@ def compare_methods(
         DataFrame, one row per (method, threshold, draw): `method, threshold, draw, ari, n_clusters` plus
         the draw's settings.
     """
-    import pandas as pd
     from sklearn.metrics import adjusted_rand_score
 
     grid = DEFAULT_GRID if grid is None else grid
@@ -417,7 +417,7 @@ def compare_methods(
 # Neurons of a model: one neuron's clusters, the polysemy table of a layer
 
 
-def _layer_examples(top: Any, windows: Any, layer: int) -> "Any":
+def _layer_examples(top: Any, windows: Any, layer: int) -> pd.DataFrame:
     """The rows of `top.examples` of one layer, checked against `windows`."""
     table = top.examples
     ex = table[table["layer"].to_numpy() == layer]
@@ -463,7 +463,7 @@ def neuron_clusters(
     threshold: float | int | None = None,
     fold_ln: bool = True,
     context: int = 12,
-) -> "Any":
+) -> pd.DataFrame:
     """Cluster one neuron's top examples by their neuron embeddings.
 
     Args:
@@ -482,7 +482,6 @@ def neuron_clusters(
     Raises:
         ValueError: layer or neuron out of range, a dead neuron (no examples), bad method or threshold.
     """
-    import pandas as pd
 
     from nbutils import embeddings
     from nbutils.models import check_layer, check_neuron, check_windows
@@ -491,7 +490,7 @@ def neuron_clusters(
     _check_top(model, top)
     method = check_choice("method", DEFAULT_METHOD if method is None else method, METHODS)
     ex = top.neuron_examples(layer, neuron)
-    t = _check_threshold(method, threshold, len(ex))
+    t = _check_threshold(method, threshold)
     if len(ex) == 0:
         _dead_error(top, layer, neuron)
     _layer_examples(top, windows, layer)
@@ -627,7 +626,7 @@ def polysemy_table(
     batch_size: int = 64,
     progress: bool = False,
     examples: LayerExamples | None = None,
-) -> "Any":
+) -> pd.DataFrame:
     """Polysemy of every neuron of one layer, from the clusters of its neuron embeddings.
 
     The pre-MLP vectors h of all the layer's examples are read in one batched pass over the windows they
@@ -648,12 +647,11 @@ def polysemy_table(
         fewer than 2 examples), `largest_cluster` (size of cluster 0) and `dead` (no examples: counts 0,
         effective_clusters 0.0, monosemanticity NaN).
     """
-    import pandas as pd
     from threadpoolctl import threadpool_limits
     from tqdm.auto import tqdm
 
     method = check_choice("method", DEFAULT_METHOD if method is None else method, METHODS)
-    t = _check_threshold(method, threshold, 0)
+    t = _check_threshold(method, threshold)
     lx = examples if examples is not None else layer_examples(model, windows, top, layer, fold_ln=fold_ln,
                                                               batch_size=batch_size)
     layer = lx.layer
@@ -683,7 +681,7 @@ def threshold_sweep(
     grid: dict[str, list[float]] | None = None,
     *,
     examples: LayerExamples | None = None,
-) -> "Any":
+) -> pd.DataFrame:
     """How the clusters of a whole layer change with the method's threshold (h is read once).
 
     Args:
@@ -697,7 +695,6 @@ def threshold_sweep(
         `largest_share` (mean share of a neuron's examples in its largest cluster), `monosemantic_share`
         (share of neurons with effective_clusters <= 1.5).
     """
-    import pandas as pd
 
     grid = DEFAULT_GRID if grid is None else grid
     lx = examples if examples is not None else layer_examples(model, windows, top, layer)
@@ -749,7 +746,7 @@ def compare_spaces(
     threshold: float | int | None = None,
     pattern: int = 8,
     examples: LayerExamples | None = None,
-) -> "Any":
+) -> pd.DataFrame:
     """Cluster the same examples of each neuron in three spaces and score the clusters against tokens.
 
     Spaces (`SPACES`): `"embedding"` (neuron embeddings `h ⊙ w`), `"h"` (the plain pre-MLP vectors) and
@@ -768,14 +765,13 @@ def compare_spaces(
         ami_token` (adjusted mutual information between clusters and the activating token) and
         `ami_prev_token` (the same for the token before it).
     """
-    import pandas as pd
     from sklearn.metrics import adjusted_mutual_info_score
 
     from nbutils import embeddings
     from nbutils.models import check_neuron
 
     method = check_choice("method", DEFAULT_METHOD if method is None else method, METHODS)
-    t = _check_threshold(method, threshold, 0)
+    t = _check_threshold(method, threshold)
     pattern = check_int_range("pattern", pattern, 1, 10_000)
     lx = examples if examples is not None else layer_examples(model, windows, top, layer)
     neurons = [check_neuron(model, n) for n in np.atleast_1d(np.asarray(neurons))]

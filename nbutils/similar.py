@@ -76,7 +76,7 @@ def layer_features(
 
     min_size = check_int_range("min_size", min_size, 1, 10**9)
     method = check_choice("method", clustering.DEFAULT_METHOD if method is None else method, clustering.METHODS)
-    t = clustering._check_threshold(method, threshold, 0)
+    t = clustering._check_threshold(method, threshold)
     lx = examples if examples is not None else clustering.layer_examples(model, windows, top, layer, fold_ln=fold_ln,
                                                                          batch_size=batch_size)
     layer, ex, unique, inverse, bounds, n_pos = lx.layer, lx.examples, lx.keys, lx.inverse, lx.bounds, lx.n_pos

@@ -201,7 +201,7 @@ def test_neuron_clusters_table(model, windows, top):
     labels = nc.cluster.to_numpy()
     assert labels.tolist() == clustering.canonical_labels(labels).tolist()
     assert nc.groupby("cluster").is_central.sum().eq(1).all()  # one central example per cluster
-    e = embeddings.neuron_embeddings(model, windows, LAYER, neuron, ex.window, ex.pos)
+    e = embeddings.neuron_embeddings(model, windows, LAYER, neuron, np.array(ex.window), np.array(ex.pos))
     assert labels.tolist() == clustering.cluster(e).tolist()  # windows cut short give the same h
     assert np.flatnonzero(nc.is_central).tolist() == sorted(clustering.central_example(e, labels).tolist())
     assert all(text.endswith(tok) for text, tok in zip(nc.text, nc.token))
@@ -220,7 +220,7 @@ def test_polysemy_rows_match_neuron_clusters(model, windows, top, table):
         assert row.n_clusters == nc.cluster.nunique()
         assert row.n_singletons == (sizes == 1).sum()
         assert row.effective_clusters == pytest.approx(clustering.effective_n_clusters(nc.cluster.to_numpy()))
-        e = embeddings.neuron_embeddings(model, windows, LAYER, int(neuron), nc.window, nc.pos)
+        e = embeddings.neuron_embeddings(model, windows, LAYER, int(neuron), np.array(nc.window), np.array(nc.pos))
         assert row.monosemanticity == pytest.approx(clustering.monosemanticity(e), abs=1e-5)
 
 
