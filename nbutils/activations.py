@@ -248,18 +248,68 @@ class _StopForward(Exception):
     """Raised by the last layer's hook: nothing after the last MLP is needed."""
 
 
-def _batch_candidates(model: Any, batch: Tensor, first_window: int) -> tuple[Tensor, Tensor]:
+# The Hugging Face module whose output is the bridge's `hook_post` (the neuron activation), per model type.
+_HF_MLP_ACT = {"gpt2": "transformer.h.{layer}.mlp.act"}
+
+
+@dataclass(frozen=True)
+class _Forward:
+    """How batches run: through the bridge's hooks, or through a plain Hugging Face model that shares the
+    bridge's parameters (same tensors, so edits to the bridge's weights are seen) with PyTorch forward hooks
+    on its MLP activation modules. The plain model skips the bridge's per-hook-point work (its LayerNorm
+    and attention re-implementations); a test checks that both give the same activations."""
+
+    model: Any
+    n_layers: int
+    plain: Any = None  # the plain Hugging Face model, or None for the bridge
+    act_modules: tuple = ()
+
+    @property
+    def engine(self) -> str:
+        return "plain_hf" if self.plain is not None else "bridge"
+
+
+def _forward(model: Any, plain_hf: bool) -> _Forward:
+    """The plain path when asked for and the model type is known (`_HF_MLP_ACT`), else the bridge."""
+    n_layers = model.cfg.n_layers
+    inner = getattr(model, "original_model", None)
+    config = getattr(inner, "config", None)
+    path = _HF_MLP_ACT.get(getattr(config, "model_type", None))
+    if not plain_hf or path is None:
+        return _Forward(model, n_layers)
+    import itertools
+
+    from transformers import AutoModelForCausalLM
+
+    tensors: dict[str, Tensor] = {}  # the bridge's parameters under their Hugging Face names
+    for name, t in itertools.chain(inner.named_parameters(remove_duplicate=False),
+                                   inner.named_buffers(remove_duplicate=False)):
+        tensors.setdefault(name.replace("._original_component", ""), t)
+    with torch.device("meta"):  # no memory, no initialisation: every tensor is assigned below
+        plain = AutoModelForCausalLM.from_config(config)
+    wanted = list(plain.state_dict())
+    if any(name not in tensors for name in wanted):
+        return _Forward(model, n_layers)
+    plain.load_state_dict({name: tensors[name] for name in wanted}, strict=True, assign=True)
+    if any(t.is_meta for t in itertools.chain(plain.parameters(), plain.buffers())):
+        return _Forward(model, n_layers)
+    plain.eval()
+    modules = tuple(plain.get_submodule(path.format(layer=layer)) for layer in range(n_layers))
+    return _Forward(model, n_layers, plain, modules)
+
+
+def _batch_candidates(forward: _Forward, batch: Tensor, first_window: int) -> tuple[Tensor, Tensor]:
     """Run one batch up to the last MLP and reduce each layer's activations to one candidate per
     (neuron, window) on the device: the max over positions and where it is.
 
     Returns (key, pos) `[n_layers * d_mlp, batch]` (`_order_key`); raises `ValueError` on NaN or inf.
     """
-    n_layers = model.cfg.n_layers
+    n_layers = forward.n_layers
     maxima: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
     argmax: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
 
     def reduce(layer: int):
-        def hook(act: Tensor, hook: Any = None) -> None:  # act: [batch, pos, d_mlp]
+        def hook(act: Tensor) -> None:  # act: [batch, pos, d_mlp]
             maxima[layer], argmax[layer] = act.float().max(dim=1)  # [batch, d_mlp] each
             if layer == n_layers - 1:
                 raise _StopForward  # nothing after the last MLP is needed
@@ -267,8 +317,17 @@ def _batch_candidates(model: Any, batch: Tensor, first_window: int) -> tuple[Ten
         return hook
 
     try:
-        model.run_with_hooks(batch, fwd_hooks=[(hook_name(l, "post"), reduce(l)) for l in range(n_layers)],
-                             return_type=None)
+        if forward.plain is None:
+            hooks = [(hook_name(l, "post"), lambda act, hook, f=reduce(l): f(act)) for l in range(n_layers)]
+            forward.model.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
+        else:
+            handles = [m.register_forward_hook(lambda module, args, out, f=reduce(l): f(out))
+                       for l, m in enumerate(forward.act_modules)]
+            try:
+                forward.plain.base_model(input_ids=batch, use_cache=False)
+            finally:
+                for handle in handles:
+                    handle.remove()
     except _StopForward:
         pass
     act = torch.stack(maxima).transpose(1, 2).reshape(-1, batch.shape[0])  # [n_layers * d_mlp, batch]
@@ -300,6 +359,7 @@ def collect_top_activations(
     window_offset: int = 0,
     checkpoint_every: int = 50,
     progress: bool = True,
+    plain_hf: bool = True,
 ) -> TopActivations:
     """Collect the top examples of every MLP neuron of every layer in one streaming pass over `windows`.
 
@@ -315,6 +375,9 @@ def collect_top_activations(
         window_offset: id of the first window, to collect one shard of a larger corpus (`merge`).
         checkpoint_every: write a checkpoint every this many batches.
         progress: show a tqdm bar with tokens/s.
+        plain_hf: run batches through a plain Hugging Face model sharing the bridge's parameters, with
+            PyTorch hooks on its MLP activations (faster; GPT-2 family), instead of the bridge's hooks. Other
+            model types always use the bridge. The two agree to float rounding; the cache keeps them apart.
 
     Returns:
         `TopActivations`; `.examples` is the table `layer, neuron, window, pos, act`.
@@ -329,11 +392,12 @@ def collect_top_activations(
     checkpoint_every = check_int_range("checkpoint_every", checkpoint_every, 1, 2**31 - 1)
     n_windows = windows.shape[0]
     ids = {"model_id": _cache.model_fingerprint(model), "corpus_id": _cache.tensor_fingerprint(windows)}
+    forward = _forward(model, plain_hf)
     ranges = ((window_offset, window_offset + n_windows),)
     run = None
     if use_cache:
         key = {"kind": "top_activations", "format": _FORMAT, **ids, "window_offset": window_offset,
-               "n_windows": n_windows, "device": _device(model).type, **asdict(settings)}
+               "n_windows": n_windows, "device": _device(model).type, "engine": forward.engine, **asdict(settings)}
         run = _cache.Run("top_activations", key, cache_dir)
         finished = run.load_finished()
         if finished is not None:
@@ -348,7 +412,7 @@ def collect_top_activations(
             act, window, pos = _read_state(run, run.checkpoint_path, table, model, settings.k)
             state = (_order_key(act, window).reshape(n_neurons, -1).to(_device(model)),
                      pos.reshape(n_neurons, -1).to(torch.int32).to(_device(model)))
-    state = _stream(model, windows, state, done, settings, window_offset, checkpoint_every, run, progress)
+    state = _stream(forward, windows, state, done, settings, window_offset, checkpoint_every, run, progress)
     result = _sorted_state(*state, n_layers)
     if run is not None:
         run.save_finished(_state_table(*result), {"n_layers": n_layers, "d_mlp": model.cfg.d_mlp})
@@ -356,7 +420,7 @@ def collect_top_activations(
 
 
 def _stream(
-    model: Any,
+    forward: _Forward,
     windows: Int[Tensor, "n_windows window"],
     state: tuple[Tensor, Tensor],
     done: int,
@@ -370,18 +434,18 @@ def _stream(
     from tqdm.auto import tqdm
 
     n_windows, n_pos = windows.shape
-    device = _device(model)
+    device = _device(forward.model)
     bar = tqdm(total=n_windows * n_pos, initial=done * n_pos, unit="tok", unit_scale=True,
                desc="collecting top activations", disable=not progress)
     try:
         with torch.inference_mode():
             for i, start in enumerate(range(done, n_windows, settings.batch_size)):
                 batch = windows[start : start + settings.batch_size].to(device)  # [batch, window]
-                state = _merge_topk(state, _batch_candidates(model, batch, window_offset + start), settings.k)
+                state = _merge_topk(state, _batch_candidates(forward, batch, window_offset + start), settings.k)
                 bar.update(batch.numel())
                 stop = start + batch.shape[0]
                 if run is not None and (i + 1) % checkpoint_every == 0 and stop < n_windows:
-                    run.save_checkpoint(_state_table(*_sorted_state(*state, model.cfg.n_layers)), stop)
+                    run.save_checkpoint(_state_table(*_sorted_state(*state, forward.n_layers)), stop)
     finally:
         bar.close()
     return state

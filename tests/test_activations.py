@@ -165,6 +165,33 @@ def test_order_key_sorts_by_act_then_window():
     assert order == [5, 2, 0, 3, 4, 1, 6, 7]
 
 
+def test_plain_forward_matches_bridge_hooks(model, windows, full_acts):
+    forward = activations._forward(model, plain_hf=True)
+    assert forward.engine == "plain_hf"  # the default model is GPT-2: the fast path is used
+    bridge_storage = {p.data_ptr() for p in model.parameters()}
+    assert all(p.data_ptr() in bridge_storage for p in forward.plain.parameters())  # shared, not copied
+    outs = {}
+    handles = [m.register_forward_hook(lambda mod, args, out, l=l: outs.__setitem__(l, out))
+               for l, m in enumerate(forward.act_modules)]
+    try:
+        with torch.inference_mode():
+            forward.plain.base_model(input_ids=windows, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer in range(model.cfg.n_layers):  # the plain module's output is the bridge's hook_post
+        torch.testing.assert_close(outs[layer], full_acts[layer], rtol=1e-5, atol=1e-5)
+    assert activations._forward(model, plain_hf=False).engine == "bridge"
+
+
+def test_engines_agree(model, windows, top):
+    bridge = _collect(model, windows, plain_hf=False)
+    torch.testing.assert_close(bridge.act, top.act, rtol=1e-5, atol=1e-5)
+    same = (bridge.window == top.window).float().mean().item()
+    assert same > 0.999, same  # windows can only swap places at near-ties (float rounding)
+    assert len(bridge.examples) == len(top.examples)
+
+
 def test_order_key_round_trip():
     act = torch.tensor([1.5, -0.0, -7.25, float("-inf"), 3e-39, 0.0])
     window = torch.tensor([0, 12, 2**31, -1, 5, 2**32 - 1])
@@ -268,7 +295,7 @@ def test_interrupted_run_resumes(model, windows, top, tmp_path, monkeypatch):
     assert not (folder / "checkpoint.parquet").exists()
 
 
-@pytest.mark.parametrize("change", ["k", "frac", "batch_size", "corpus", "model"])
+@pytest.mark.parametrize("change", ["k", "frac", "batch_size", "engine", "corpus", "model"])
 def test_other_settings_do_not_reuse_cache(model, windows, tmp_path, monkeypatch, change):
     base = _collect(model, windows, use_cache=True, cache_dir=tmp_path)
     calls = _count_batches(monkeypatch)
@@ -281,6 +308,8 @@ def test_other_settings_do_not_reuse_cache(model, windows, tmp_path, monkeypatch
         options["frac"] = 0.9
     elif change == "batch_size":
         options["batch_size"] = 24
+    elif change == "engine":
+        options["plain_hf"] = False
     elif change == "corpus":
         data = windows.clone()
         data[5, 3] = (data[5, 3] + 1) % model.cfg.d_vocab  # one token differs
