@@ -776,7 +776,7 @@ def sae_diagnostics(
     """
     _check_pair(mlp, sae)
     table = unit_table(mlp, X, y, sae=sae, top_k=top_k, method=method, threshold=threshold, progress=False)
-    width = encoder_participation(sae)[torch.as_tensor(table["unit"].to_numpy(), dtype=torch.long)]
+    width = encoder_participation(sae)[torch.tensor(np.array(table["unit"], dtype=np.int64))]
     return {
         "clusters_per_latent": float(table["n_clusters"].mean()) if len(table) else float("nan"),
         "encoder_width": float(width.mean()) if len(table) else float("nan"),
