@@ -1,6 +1,6 @@
 """Collection throughput against a bare forward pass of the same weights, and peak memory for N and 10×N windows.
 
-    python benchmarks/bench_collect.py                     # defaults: 512 windows × 7 rounds, N = 1000
+    python benchmarks/bench_collect.py                     # defaults: 1024 windows × 7 rounds, N = 1000
     python benchmarks/bench_collect.py --windows 256 --rounds 3 --n 200
 
 Throughput: on the same windows and batch size, one run times, in interleaved rounds (so load from other
@@ -10,9 +10,12 @@ processes hits every method alike),
   computed (the bare forward pass);
 - `hf_body`: the same model's transformer body only (no final LayerNorm, no unembedding): the layers
   collection actually needs to run;
-- `collect`: `activations.collect_top_activations` (no cache), which stops after the last MLP.
+- `collect`: `activations.collect_top_activations` (no cache), which stops after the last MLP;
+- `collect_bridge`: the same through the TransformerBridge's hooks (`plain_hf=False`), to show the bridge's cost.
 
-It prints tokens/s per method (median and best round) and the ratios collect / hf_full and collect / hf_body.
+It prints tokens/s per method and the ratios of each collection to hf_full and hf_body: the median over rounds of
+the ratio within a round (the headline: methods timed back to back share the machine's load), the ratio of the
+fastest rounds, and the ratio of process CPU time.
 
 Memory: each size runs in a fresh process that loads the model and windows, then collects (and builds the
 tables); it prints the peak resident set size before and after collection, and the growth during it.
@@ -69,17 +72,34 @@ def _throughput(n_windows: int, rounds: int, batch_size: int, window: int) -> di
         "collect": lambda: activations.collect_top_activations(
             model, windows, batch_size=batch_size, use_cache=False, progress=False
         ),
+        "collect_bridge": lambda: activations.collect_top_activations(
+            model, windows, batch_size=batch_size, use_cache=False, progress=False, plain_hf=False
+        ),
     }
     for run in methods.values():  # warm-up
         run()
-    speeds: dict[str, list[float]] = {name: [] for name in methods}
+    wall: dict[str, list[float]] = {name: [] for name in methods}
+    cpu: dict[str, list[float]] = {name: [] for name in methods}
     for r in range(rounds):
         order = list(methods) if r % 2 == 0 else list(reversed(methods))
         for name in order:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             methods[name]()
-            speeds[name].append(windows.numel() / (time.perf_counter() - start))
-    return {name: {"median": statistics.median(v), "best": max(v), "rounds": v} for name, v in speeds.items()}
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    tokens = windows.numel()
+    result = {"tokens_per_round": tokens, "speeds": {}, "ratios": {}}
+    for name in methods:
+        result["speeds"][name] = {"median": tokens / statistics.median(wall[name]), "best": tokens / min(wall[name])}
+    for collect in ("collect", "collect_bridge"):
+        for base in ("hf_full", "hf_body"):
+            paired = [b / c for b, c in zip(wall[base], wall[collect])]  # same round: same load from other processes
+            result["ratios"][f"{collect} / {base}"] = {
+                "paired_median": statistics.median(paired),
+                "best": min(wall[base]) / min(wall[collect]),
+                "cpu_time": sum(cpu[base]) / sum(cpu[collect]),
+            }
+    return result
 
 
 def _memory(n_windows: int, batch_size: int, window: int) -> dict:
@@ -97,7 +117,7 @@ def _memory(n_windows: int, batch_size: int, window: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--windows", type=int, default=512, help="windows per throughput round")
+    parser.add_argument("--windows", type=int, default=1024, help="windows per throughput round")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument("--n", type=int, default=1000, help="N for the memory comparison (N and 10×N windows)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -110,15 +130,17 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     print(f"torch threads: {torch.get_num_threads()}, batch size {args.batch_size}, window {args.window} tokens")
-    speeds = _throughput(args.windows, args.rounds, args.batch_size, args.window)
-    print(f"\nthroughput over {args.windows} windows, {args.rounds} interleaved rounds (tokens/s)")
-    for name, s in speeds.items():
-        print(f"  {name:8s} best {s['best']:8.0f}   median {s['median']:8.0f}")
-    print("  ratios (best rounds are the least disturbed by other processes on a shared machine):")
-    for base in ("hf_full", "hf_body"):
-        best = speeds["collect"]["best"] / speeds[base]["best"]
-        median = speeds["collect"]["median"] / speeds[base]["median"]
-        print(f"  collect / {base}: {best:.2f} (best rounds)   {median:.2f} (medians)")
+    bench = _throughput(args.windows, args.rounds, args.batch_size, args.window)
+    print(f"\nthroughput: {args.windows} windows ({bench['tokens_per_round']} tokens) per round, "
+          f"{args.rounds} interleaved rounds (tokens/s)")
+    for name, s in bench["speeds"].items():
+        print(f"  {name:14s} best round {s['best']:8.0f}   median round {s['median']:8.0f}")
+    print("  collection throughput / bare forward throughput:")
+    print("    paired median = median over rounds of the ratio within a round (methods in one round share the")
+    print("    machine's load); best = ratio of the fastest rounds; cpu = ratio of process CPU time")
+    for name, r in bench["ratios"].items():
+        print(f"  {name:24s}: paired median {r['paired_median']:.2f}   best {r['best']:.2f}   "
+              f"cpu {r['cpu_time']:.2f}")
 
     print("\npeak memory (resident set size, MB), each size in a fresh process")
     rows = []

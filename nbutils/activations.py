@@ -5,13 +5,18 @@ window, so a window gives each neuron at most one example. Per neuron the collec
 with the highest activation, then only those with `act >= frac * max`, where `max` is the neuron's highest
 activation over the whole corpus. A neuron whose max is <= 0 is *dead*: it has no examples.
 
-The collection streams. Each batch of windows runs through the model up to the last MLP (the MLP
-activations `hook_post` are the only hooks read); each layer's activations `[batch, pos, d_mlp]` are reduced
-on the model's device to one candidate per (window, neuron), the max over positions, and merged with the
-running top-k by one `torch.topk` over the concatenated candidates. The state is three plain tensors
-`[n_layers, d_mlp, k]` (act, window, pos): memory does not grow with the corpus, and two shards of a corpus
-merge with the same operation (`merge`). Ties are broken towards the lower window id, so the result is the
-same whatever the batch or shard order.
+The collection streams. Each batch of windows runs through the model up to the last MLP, reading only the
+MLP activations (`hook_post`); each layer's activations `[batch, pos, d_mlp]` are reduced on the model's
+device to one candidate per (neuron, window), the max over positions and where it is, and merged with the
+running top-k by one `torch.topk` over the concatenated candidates. Candidates are ranked by an int64 key
+(activation, then lower window id), so there are no ties and the result does not depend on batch or shard
+order; the running state is that key and the position, `[n_layers * d_mlp, k]`, kept unsorted and sorted
+once at the end. Memory does not grow with the corpus, and two shards of a corpus merge with the same
+operation (`merge`). The result holds three plain tensors `[n_layers, d_mlp, k]` (act, window, pos).
+
+For GPT-2 models (Hugging Face `model_type` "gpt2") the batches run through a plain Hugging Face model that shares the bridge's
+parameters, with PyTorch forward hooks on its MLP activation modules: the same values as the bridge's
+`hook_post` (tested) without the bridge's per-hook-point work. Other models run through the bridge's hooks.
 
 Results are cached (see `nbutils.cache`): a folder per (model, corpus, settings) under the cache folder,
 with a checkpoint every `checkpoint_every` batches so an interrupted run resumes where it stopped.
@@ -376,7 +381,7 @@ def collect_top_activations(
         checkpoint_every: write a checkpoint every this many batches.
         progress: show a tqdm bar with tokens/s.
         plain_hf: run batches through a plain Hugging Face model sharing the bridge's parameters, with
-            PyTorch hooks on its MLP activations (faster; GPT-2 family), instead of the bridge's hooks. Other
+            PyTorch hooks on its MLP activations (faster; GPT-2 models), instead of the bridge's hooks. Other
             model types always use the bridge. The two agree to float rounding; the cache keeps them apart.
 
     Returns:
