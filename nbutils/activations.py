@@ -501,7 +501,9 @@ def merge(a: TopActivations, b: TopActivations) -> TopActivations:
     """Combine the results of two disjoint shards of a corpus; equals one collection over their union.
 
     Collect each shard with `window_offset` set to its first window's id in the whole corpus, so window ids
-    are global. Both must come from the same model with the same `k`, `frac` and hook.
+    are global. Both must come from the same model with the same `k`, `frac` and hook. The result is
+    identical to one pass when shard boundaries fall on batch boundaries (the same batches run); otherwise
+    activations can differ in their last bits (batched matrix products), as between two batch sizes.
 
     Raises:
         ValueError: different models or settings, or shards whose window ids overlap.
