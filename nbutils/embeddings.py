@@ -58,7 +58,7 @@ def mlp_in_weights(
 
 
 def _as_index(name: str, values: IndexLike, high: int) -> Tensor:
-    idx = torch.as_tensor(np.asarray(values), dtype=torch.long).reshape(-1)
+    idx = torch.as_tensor(np.array(values), dtype=torch.long).reshape(-1)
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= high):
         bad = idx[(idx < 0) | (idx >= high)][0].item()
         fail(name, f"hold values in 0..{high - 1}", f"{bad}")

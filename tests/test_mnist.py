@@ -90,6 +90,17 @@ def test_openml_offline_names_the_default(monkeypatch):
         mnist.load_mnist("torchvision")
 
 
+def test_source_from_environment(monkeypatch):
+    """`NBUTILS_MNIST` selects the source when no argument is given, as the README says."""
+    monkeypatch.setattr(mnist, "_openml_reachable", lambda timeout=3.0: False)
+    monkeypatch.setenv("NBUTILS_MNIST", "openml")
+    with pytest.raises(ConnectionError, match="openml.org is not reachable"):
+        mnist.load_mnist()
+    monkeypatch.setenv("NBUTILS_MNIST", "torchvision")
+    with pytest.raises(ValueError, match="'torchvision'"):
+        mnist.load_mnist()
+
+
 # ----------------------------------------------------------------------------------------------- MLP
 
 
