@@ -1,7 +1,8 @@
 """Paths and environment switches shared by the whole package.
 
 `NBUTILS_CACHE` moves the cache folder (default `cache/` beside `nbutils/`, ignored by git), `NBUTILS_SMALL=1` asks notebooks to run at
-a small size (CI), `NBUTILS_MODEL` / `NBUTILS_SOURCE` select a hub model or web-text corpus when online.
+a small size (CI), `NBUTILS_MODEL` / `NBUTILS_SOURCE` / `NBUTILS_MNIST` select a hub model, a web-text corpus or
+full MNIST when online (`switch`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["DATA_DIR", "DEFAULT_MODEL_DIR", "cache_dir", "is_small", "hub_reachable"]
+__all__ = ["DATA_DIR", "DEFAULT_MODEL_DIR", "cache_dir", "is_small", "hub_reachable", "switch"]
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_DIR / "data"
@@ -23,16 +24,26 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
     return path
 
 
+def switch(value: str | None, variable: str, default: str) -> str:
+    """`value` when given, else the environment variable `variable` when set, else `default` (the offline one)."""
+    return value if value is not None else os.environ.get(variable) or default
+
+
+def _flag(variable: str) -> bool:
+    """True when the environment variable is set to a true value (1, true, yes, on)."""
+    return os.environ.get(variable, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def is_small() -> bool:
     """True when `NBUTILS_SMALL` is set to a true value (1, true, yes): notebooks run at CI size."""
-    return os.environ.get("NBUTILS_SMALL", "").strip().lower() in {"1", "true", "yes", "on"}
+    return _flag("NBUTILS_SMALL")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """True when the Hugging Face hub answers a TCP connection (False at once when `HF_HUB_OFFLINE` is set)."""
     import socket
 
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+    if _flag("HF_HUB_OFFLINE"):
         return False
     try:
         with socket.create_connection(("huggingface.co", 443), timeout=timeout):

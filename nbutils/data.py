@@ -21,7 +21,6 @@ import ast
 import functools
 import gzip
 import json
-import os
 import random
 import sys
 import sysconfig
@@ -179,7 +178,7 @@ def _cached_tokens(tokenizer: Any, source: str, split: str) -> Tensor:
 
 def _source(source: str | None) -> str:
     """`source`, else `$NBUTILS_SOURCE`, else the offline corpus."""
-    return source or os.environ.get("NBUTILS_SOURCE") or OFFLINE_SOURCE
+    return _env.switch(source, "NBUTILS_SOURCE", OFFLINE_SOURCE)
 
 
 def corpus_tokens(model_or_tokenizer: Any, split: str = "train", source: str | None = None) -> Int[Tensor, "n_tokens"]:

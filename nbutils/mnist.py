@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import socket
 from dataclasses import dataclass
 
@@ -108,7 +107,7 @@ def load_mnist(
         ValueError: unknown `source`, bad `test_size`.
         ConnectionError: `source="openml"` while openml.org cannot be reached; names the offline default.
     """
-    source = source or os.environ.get("NBUTILS_MNIST") or "offline"
+    source = _env.switch(source, "NBUTILS_MNIST", "offline")
     if source not in SOURCES:
         fail("source", f"be one of {', '.join(repr(s) for s in SOURCES)}", repr(source))
     if source == "openml":

@@ -66,7 +66,7 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | None = No
             train-default`).
         ConnectionError: a hub name while the hub is not reachable; names the offline default.
     """
-    name = name if name is not None else os.environ.get("NBUTILS_MODEL") or DEFAULT_MODEL_NAME
+    name = _env.switch(name, "NBUTILS_MODEL", DEFAULT_MODEL_NAME)
     if str(name) == DEFAULT_MODEL_NAME:
         if not (_env.DEFAULT_MODEL_DIR / "config.json").exists():
             raise FileNotFoundError(
