@@ -31,6 +31,9 @@ __all__ = [
     "TrainConfig",
     "load_model",
     "hook_name",
+    "is_gated",
+    "mlp_norm",
+    "mlp_norm_name",
     "check_layer",
     "check_neuron",
     "check_windows",
@@ -91,20 +94,43 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | None = No
 # Hook names and model checks: the one place that names hooks
 
 
-def hook_name(layer: int, kind: str) -> str:
+def hook_name(layer: int, kind: str, model: Any = None) -> str:
     """The bridge's hook for one MLP quantity of `layer`.
 
-    kinds: `"mlp_in"` (the vector multiplied by W_in, raw LayerNorm output) `[batch, pos, d_model]`,
-    `"ln_normalized"` (ln2 output before its scale and bias) `[batch, pos, d_model]`,
-    `"pre"` (pre-activation) `[batch, pos, d_mlp]`, `"post"` (neuron activation) `[batch, pos, d_mlp]`.
+    kinds: `"mlp_in"` (the MLP's own input, the vector its input projections multiply, i.e. the raw norm
+    output) `[batch, pos, d_model]`, `"ln_normalized"` (the output of the norm feeding the MLP before its scale
+    and bias) `[batch, pos, d_model]`, `"pre"` (pre-activation; the gate's for a gated MLP) `[batch, pos, d_mlp]`,
+    `"pre_linear"` (a gated MLP's up projection `W_up h + b_up`) `[batch, pos, d_mlp]`, `"post"` (the neuron's
+    activation, what the down projection reads: `act(gate) * up` for a gated MLP) `[batch, pos, d_mlp]`.
+
+    Pass `model` for `"ln_normalized"` on a parallel block with one shared norm (GPT-J: `ln1`, no `ln2`).
+    Some families flatten hooks inside their MLP to `[batch * pos, d]` (OPT's norm); `embeddings` reshapes.
     """
+    norm = mlp_norm_name(model, layer) if model is not None else "ln2"
     names = {
         "mlp_in": f"blocks.{layer}.mlp.hook_in",
-        "ln_normalized": f"blocks.{layer}.ln2.hook_normalized",
+        "ln_normalized": f"blocks.{layer}.{norm}.hook_normalized",
         "pre": f"blocks.{layer}.mlp.hook_pre",
+        "pre_linear": f"blocks.{layer}.mlp.hook_pre_linear",
         "post": f"blocks.{layer}.mlp.hook_post",
     }
     return names[kind]
+
+
+def is_gated(model: Any) -> bool:
+    """Whether the model's MLPs are gated (SwiGLU / GeGLU: `act(W_gate h) * (W_up h)`, Llama, Gemma, Qwen)."""
+    return bool(getattr(model.cfg, "gated_mlp", False))
+
+
+def mlp_norm_name(model: Any, layer: int) -> str:
+    """Name of the block's norm whose output the MLP reads: `"ln2"`, or `"ln1"` in a parallel block that
+    shares one norm between attention and MLP (GPT-J). GPT-NeoX's parallel blocks have their own `ln2`."""
+    return "ln2" if hasattr(model.blocks[layer], "ln2") else "ln1"
+
+
+def mlp_norm(model: Any, layer: int) -> Any:
+    """The bridge's norm component whose output the MLP of `layer` reads (`mlp_norm_name`)."""
+    return getattr(model.blocks[layer], mlp_norm_name(model, layer))
 
 
 def check_layer(model: Any, layer: Any) -> int:
