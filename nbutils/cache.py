@@ -8,6 +8,12 @@ and corpus plus every setting that changes the result):
 - `checkpoint.parquet`: the state of an unfinished run; its progress is stored inside the same file (parquet
   metadata), so state and progress are replaced together.
 - `result.parquet`: the finished result, written before `meta.json` says `"complete"`.
+- `<name>.parquet`: any further table of the run (`Run.save_table` / `Run.load_table`).
+
+Every file a run reads back is tied to that run: `meta.json` holds the key itself, and every parquet file holds
+the key's hash in its schema metadata (`nbutils_run_key`). A file copied in from another run (another model,
+corpus or settings), or written by an older version without that record, raises `CacheError` when read; it is
+never used as an input. The key also holds `CACHE_FORMAT`, so folders of an older layout are simply not found.
 
 Every file is written to a temporary name in the same folder and renamed into place, so a crash leaves the
 previous version intact. A file that cannot be read raises `CacheError` naming it; nothing finished is ever
@@ -28,9 +34,11 @@ from torch import Tensor
 
 from nbutils import _env
 
-__all__ = ["CacheError", "Run", "model_fingerprint", "tensor_fingerprint", "text_fingerprint"]
+__all__ = ["CACHE_FORMAT", "CacheError", "Run", "model_fingerprint", "tensor_fingerprint", "text_fingerprint"]
 
+CACHE_FORMAT = 2  # part of every run's key; bump when the layout of a run folder changes
 _PROGRESS_KEY = b"nbutils_progress"
+_RUN_KEY = b"nbutils_run_key"  # parquet schema metadata: the SHA-256 of the run's key
 
 
 class CacheError(RuntimeError):
@@ -96,13 +104,16 @@ def _atomic_write(path: Path, write: Any) -> None:
             tmp.unlink()
 
 
-def _write_parquet(path: Path, table: pd.DataFrame, progress: int | None = None) -> None:
+def _write_parquet(path: Path, table: pd.DataFrame, run_key: str, progress: int | None = None) -> None:
+    """Write `table` atomically with the run's key hash (and `progress`, if given) in its schema metadata."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     arrow = pa.Table.from_pandas(table, preserve_index=False)
+    metadata = {**(arrow.schema.metadata or {}), _RUN_KEY: run_key.encode()}
     if progress is not None:
-        arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), _PROGRESS_KEY: str(progress).encode()})
+        metadata[_PROGRESS_KEY] = str(progress).encode()
+    arrow = arrow.replace_schema_metadata(metadata)
     _atomic_write(path, lambda f: pq.write_table(arrow, f))
 
 
@@ -116,9 +127,10 @@ class Run:
     """
 
     def __init__(self, kind: str, key: dict, cache_dir: str | os.PathLike | None = None) -> None:
+        key = {**key, "cache_format": CACHE_FORMAT}
         self.key = json.loads(json.dumps(key, sort_keys=True))  # plain JSON types, as read back
-        digest = text_fingerprint(json.dumps(self.key, sort_keys=True))
-        self.folder = _env.cache_dir(cache_dir) / kind / digest[:20]
+        self.digest = text_fingerprint(json.dumps(self.key, sort_keys=True))
+        self.folder = _env.cache_dir(cache_dir) / kind / self.digest[:20]
         self.meta_path = self.folder / "meta.json"
         self.result_path = self.folder / "result.parquet"
         self.checkpoint_path = self.folder / "checkpoint.parquet"
@@ -144,13 +156,21 @@ class Run:
         return meta
 
     def _read_parquet(self, path: Path) -> tuple[pd.DataFrame, dict]:
+        """The table and its schema metadata, after checking that the file was written by this run."""
         import pyarrow.parquet as pq
 
         try:
             arrow = pq.read_table(path)
         except Exception as err:  # pyarrow raises several types for a damaged file; all mean the same here
             raise self._error(path, f"is unreadable ({type(err).__name__}: {err})") from err
-        return arrow.to_pandas(), dict(arrow.schema.metadata or {})
+        metadata = dict(arrow.schema.metadata or {})
+        written_by = metadata.get(_RUN_KEY, b"").decode(errors="replace")
+        if not written_by:
+            raise self._error(path, "carries no run key (copied in from elsewhere or written by an older version)")
+        if written_by != self.digest:
+            raise self._error(path, f"was written by another run (key {written_by[:12]}, this run's key "
+                              f"{self.digest[:12]}): another model, corpus or settings")
+        return arrow.to_pandas(), metadata
 
     def load_finished(self) -> tuple[pd.DataFrame, dict] | None:
         """The finished result and the extra facts saved with it, or `None` when the run has not finished.
@@ -192,12 +212,31 @@ class Run:
         self.folder.mkdir(parents=True, exist_ok=True)
         if not self.meta_path.exists():
             self._write_meta("running")
-        _write_parquet(self.checkpoint_path, table, progress)
+        _write_parquet(self.checkpoint_path, table, self.digest, progress)
+
+    def _table_path(self, name: str) -> Path:
+        if not name.isidentifier() or name in ("result", "checkpoint", "meta"):
+            raise ValueError(f"`name` must be a plain identifier other than result, checkpoint and meta; got {name!r}.")
+        return self.folder / f"{name}.parquet"
+
+    def save_table(self, name: str, table: pd.DataFrame) -> None:
+        """Write a further table of this run as `<name>.parquet` (atomically, tied to this run's key)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _write_parquet(self._table_path(name), table, self.digest)
+
+    def load_table(self, name: str) -> pd.DataFrame | None:
+        """The table `<name>.parquet` of this run, or `None` when it was not written.
+
+        Raises:
+            CacheError: the file is unreadable or was written by another run.
+        """
+        path = self._table_path(name)
+        return self._read_parquet(path)[0] if path.exists() else None
 
     def save_finished(self, table: pd.DataFrame, extra: dict | None = None) -> None:
         """Write the result, then mark the run complete and drop its checkpoint."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        _write_parquet(self.result_path, table)
+        _write_parquet(self.result_path, table, self.digest)
         self._write_meta("complete", extra)
         if self.checkpoint_path.exists():
             self.checkpoint_path.unlink()
