@@ -14,9 +14,13 @@ order; the running state is that key and the position, `[n_layers * d_mlp, k]`, 
 once at the end. Memory does not grow with the corpus, and two shards of a corpus merge with the same
 operation (`merge`). The result holds three plain tensors `[n_layers, d_mlp, k]` (act, window, pos).
 
-For GPT-2 models (Hugging Face `model_type` "gpt2") the batches run through a plain Hugging Face model that shares the bridge's
-parameters, with PyTorch forward hooks on its MLP activation modules: the same values as the bridge's
-`hook_post` (tested) without the bridge's per-hook-point work. Other models run through the bridge's hooks.
+The activation of a neuron is the value its MLP's down projection reads: `act(pre)` for a plain MLP, `act(g) * u`
+for a gated one (SwiGLU / GeGLU: Llama, Gemma, Qwen, Mistral; `nbutils.embeddings`), which is the bridge's
+`hook_post` in both cases. The batches run through a plain Hugging Face model that shares the bridge's
+parameters, with PyTorch hooks that read the activation: the output of the MLP's activation module for GPT-2
+(`_HF_MLP_ACT`), the input of the down projection for every other family (found from the bridge's `mlp.out`).
+These are the same values as the bridge's `hook_post` (tested per family) without the bridge's per-hook-point
+work. When the plain model cannot be rebuilt from the bridge's parameters, the bridge's hooks are used.
 
 Results are cached (see `nbutils.cache`): a folder per (model, corpus, settings) under the cache folder,
 with a checkpoint every `checkpoint_every` batches so an interrupted run resumes where it stopped.
@@ -42,7 +46,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nbutils import cache as _cache
-from nbutils._validation import check_float_range, check_int_range, fail
+from nbutils._validation import check_float_range, check_index_array, check_int_range, fail
 from nbutils.models import check_layer, check_neuron, check_windows, hook_name
 
 __all__ = ["CollectSettings", "TopActivations", "collect_top_activations", "merge", "neuron_activations"]
@@ -253,7 +257,8 @@ class _StopForward(Exception):
     """Raised by the last layer's hook: nothing after the last MLP is needed."""
 
 
-# The Hugging Face module whose output is the bridge's `hook_post` (the neuron activation), per model type.
+# The Hugging Face module whose output is the bridge's `hook_post` (the neuron activation), per model type. Other
+# families read the input of the MLP's down projection (`_down_projection_paths`), which is the same tensor.
 _HF_MLP_ACT = {"gpt2": "transformer.h.{layer}.mlp.act"}
 
 
@@ -268,19 +273,34 @@ class _Forward:
     n_layers: int
     plain: Any = None  # the plain Hugging Face model, or None for the bridge
     act_modules: tuple = ()
+    reads_input: bool = False  # the activation is the modules' input (down projections), not their output
 
     @property
     def engine(self) -> str:
         return "plain_hf" if self.plain is not None else "bridge"
 
 
+def _down_projection_paths(model: Any, inner: Any) -> list[str] | None:
+    """Hugging Face module path of each layer's MLP down projection (the bridge's `blocks[l].mlp.out`), whose
+    input is the neuron activation; `None` if the bridge does not expose one."""
+    names = {id(module): name.replace("._original_component", "") for name, module in inner.named_modules()}
+    try:
+        paths = [names.get(id(model.blocks[layer].mlp.out)) for layer in range(model.cfg.n_layers)]
+    except AttributeError:
+        return None
+    return None if None in paths else paths
+
+
 def _forward(model: Any, plain_hf: bool) -> _Forward:
-    """The plain path when asked for and the model type is known (`_HF_MLP_ACT`), else the bridge."""
+    """The plain path when asked for and the plain model shares every parameter with the bridge, else the bridge."""
     n_layers = model.cfg.n_layers
     inner = getattr(model, "original_model", None)
     config = getattr(inner, "config", None)
+    if not plain_hf or config is None:
+        return _Forward(model, n_layers)
     path = _HF_MLP_ACT.get(getattr(config, "model_type", None))
-    if not plain_hf or path is None:
+    paths = [path.format(layer=layer) for layer in range(n_layers)] if path else _down_projection_paths(model, inner)
+    if paths is None:
         return _Forward(model, n_layers)
     import itertools
 
@@ -296,11 +316,15 @@ def _forward(model: Any, plain_hf: bool) -> _Forward:
     if any(name not in tensors for name in wanted):
         return _Forward(model, n_layers)
     plain.load_state_dict({name: tensors[name] for name in wanted}, strict=True, assign=True)
+    for name, buffer in plain.named_buffers():  # non-persistent buffers (rotary inv_freq) are not in the state dict
+        if buffer.is_meta and name in tensors:
+            owner, _, attr = name.rpartition(".")
+            plain.get_submodule(owner)._buffers[attr] = tensors[name]
     if any(t.is_meta for t in itertools.chain(plain.parameters(), plain.buffers())):
         return _Forward(model, n_layers)
     plain.eval()
-    modules = tuple(plain.get_submodule(path.format(layer=layer)) for layer in range(n_layers))
-    return _Forward(model, n_layers, plain, modules)
+    modules = tuple(plain.get_submodule(p) for p in paths)
+    return _Forward(model, n_layers, plain, modules, reads_input=path is None)
 
 
 def _batch_candidates(forward: _Forward, batch: Tensor, first_window: int) -> tuple[Tensor, Tensor]:
@@ -314,7 +338,8 @@ def _batch_candidates(forward: _Forward, batch: Tensor, first_window: int) -> tu
     argmax: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
 
     def reduce(layer: int):
-        def hook(act: Tensor) -> None:  # act: [batch, pos, d_mlp]
+        def hook(act: Tensor) -> None:  # act: [batch, pos, d_mlp] (OPT's plain model: [batch * pos, d_mlp])
+            act = act.reshape(batch.shape[0], batch.shape[1], -1)  # [batch, pos, d_mlp]
             maxima[layer], argmax[layer] = act.float().max(dim=1)  # [batch, d_mlp] each
             if layer == n_layers - 1:
                 raise _StopForward  # nothing after the last MLP is needed
@@ -326,8 +351,12 @@ def _batch_candidates(forward: _Forward, batch: Tensor, first_window: int) -> tu
             hooks = [(hook_name(l, "post"), lambda act, hook, f=reduce(l): f(act)) for l in range(n_layers)]
             forward.model.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
         else:
-            handles = [m.register_forward_hook(lambda module, args, out, f=reduce(l): f(out))
-                       for l, m in enumerate(forward.act_modules)]
+            if forward.reads_input:
+                handles = [m.register_forward_pre_hook(lambda module, args, f=reduce(l): f(args[0]))
+                           for l, m in enumerate(forward.act_modules)]
+            else:
+                handles = [m.register_forward_hook(lambda module, args, out, f=reduce(l): f(out))
+                           for l, m in enumerate(forward.act_modules)]
             try:
                 forward.plain.base_model(input_ids=batch, use_cache=False)
             finally:
@@ -381,8 +410,8 @@ def collect_top_activations(
         checkpoint_every: write a checkpoint every this many batches.
         progress: show a tqdm bar with tokens/s.
         plain_hf: run batches through a plain Hugging Face model sharing the bridge's parameters, with
-            PyTorch hooks on its MLP activations (faster; GPT-2 models), instead of the bridge's hooks. Other
-            model types always use the bridge. The two agree to float rounding; the cache keeps them apart.
+            PyTorch hooks on its MLP activations (faster), instead of the bridge's hooks. Models whose plain
+            model cannot be rebuilt use the bridge. The two agree to float rounding; the cache keeps them apart.
 
     Returns:
         `TopActivations`; `.examples` is the table `layer, neuron, window, pos, act`.
@@ -560,9 +589,8 @@ def neuron_activations(
     windows = check_windows(model, windows)
     layer, neuron = check_layer(model, layer), check_neuron(model, neuron)
     batch_size = check_int_range("batch_size", batch_size, 1, 2**31 - 1)
-    ids = torch.arange(len(windows)) if window_ids is None else torch.tensor(np.asarray(window_ids, dtype=np.int64)).reshape(-1)
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(windows)):
-        fail("window_ids", f"hold rows of `windows` (0..{len(windows) - 1})", f"values from {int(ids.min())} to {int(ids.max())}")
+    ids = torch.arange(len(windows)) if window_ids is None else torch.from_numpy(
+        check_index_array("window_ids", window_ids, len(windows), what=f"rows of `windows` (0..{len(windows) - 1})"))
     name, device, out = hook_name(layer, "post"), _device(model), []
     with torch.inference_mode():
         for start in range(0, len(ids), batch_size):
