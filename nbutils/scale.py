@@ -141,8 +141,8 @@ def _check_reachable(address: str, origin: str) -> None:
             pass
     except OSError as err:
         raise ConnectionError(
-            f"Cannot reach the Ray cluster at {origin} = {address!r} ({type(err).__name__}: {err}). Start one "
-            f"with `ray start --head` on that machine, fix {origin}, or leave `address` and RAY_ADDRESS unset "
+            f"Cannot reach the Ray cluster at `{origin}` = {address!r} ({type(err).__name__}: {err}). Start one "
+            f"with `ray start --head` on that machine, fix `{origin}`, or leave `address` and RAY_ADDRESS unset "
             "to run on a local cluster in this process."
         ) from None
 
@@ -169,7 +169,7 @@ def connect(address: str | None = None) -> _Session:
             RAY_ADDRESS and what to do).
     """
     ray = _ray()
-    origin = "`address`" if address else "RAY_ADDRESS"
+    origin = "address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "auto":
         _check_reachable(address, origin)
@@ -181,8 +181,8 @@ def connect(address: str | None = None) -> _Session:
         ray.init(address=address or "local", **options)
     except (ConnectionError, RuntimeError, TimeoutError) as err:
         raise ConnectionError(
-            f"Cannot connect to the Ray cluster at {origin} = {address!r} ({type(err).__name__}: {err}). "
-            f"Start one with `ray start --head`, fix {origin}, or leave both unset for a local cluster."
+            f"Cannot connect to the Ray cluster at `{origin}` = {address!r} ({type(err).__name__}: {err}). "
+            f"Start one with `ray start --head`, fix `{origin}`, or leave both unset for a local cluster."
         ) from None
     return _Session(ray, started=True)
 
