@@ -18,10 +18,18 @@ DEFAULT_MODEL_DIR = DATA_DIR / "tiny-gpt2"
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    """The cache folder: `override`, else `$NBUTILS_CACHE`, else `cache/` in the project folder. Created if missing."""
-    path = Path(override or os.environ.get("NBUTILS_CACHE") or REPO_DIR / "cache")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """The cache folder: `override`, else `$NBUTILS_CACHE`, else `cache/` in the project folder. Created if missing.
+
+    Raises:
+        TypeError: `override` is not a path; ValueError: it (or `$NBUTILS_CACHE`) is a file or lies under one.
+    """
+    from nbutils._validation import check_folder
+
+    if override is not None:
+        return check_folder("cache_dir", override)
+    if os.environ.get("NBUTILS_CACHE"):
+        return check_folder("NBUTILS_CACHE", os.environ["NBUTILS_CACHE"])
+    return check_folder("cache_dir", REPO_DIR / "cache")
 
 
 def switch(value: str | None, variable: str, default: str) -> str:

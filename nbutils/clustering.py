@@ -37,7 +37,8 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float, Int
 
-from nbutils._validation import check_choice, check_float_range, check_int_range, check_matrix, fail
+from nbutils._validation import (check_choice, check_float_range, check_index_array, check_int_range, check_matrix,
+                                 check_same_length, fail)
 
 __all__ = [
     "METHODS",
@@ -285,9 +286,16 @@ def _dead_error(top: Any, layer: int, neuron: int) -> None:
 
 def example_text(model: Any, windows: Any, window_ids: Any, positions: Any, *, context: int = 12) -> list[str]:
     """Text of each example: up to `context` tokens ending at (and including) the activating token."""
+    from nbutils.models import check_windows
+
+    windows = check_windows(model, windows)
+    context = check_int_range("context", context, 1, 2**31 - 1, what="(tokens of text per example)")
+    window_ids = check_index_array("window_ids", window_ids, windows.shape[0])
+    positions = check_index_array("positions", positions, windows.shape[1])
+    check_same_length(window_ids=window_ids, positions=positions)
     tokenizer = model.tokenizer
     out = []
-    for w, p in zip(np.asarray(window_ids), np.asarray(positions)):
+    for w, p in zip(window_ids, positions):
         ids = windows[int(w), max(0, int(p) - context + 1) : int(p) + 1].tolist()
         out.append(tokenizer.decode(ids))
     return out
@@ -328,6 +336,7 @@ def neuron_clusters(
     from nbutils.models import check_layer, check_neuron, check_windows
 
     layer, neuron = check_layer(model, layer), check_neuron(model, neuron)
+    context = check_int_range("context", context, 1, 2**31 - 1, what="(tokens of text per example)")
     _check_top(model, top)
     method = check_choice("method", DEFAULT_METHOD if method is None else method, METHODS)
     ex = top.neuron_examples(layer, neuron)

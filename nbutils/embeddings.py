@@ -53,7 +53,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from nbutils._validation import check_same_length, fail
+from nbutils._validation import check_index_array, check_positive_int, check_same_length, fail
 from nbutils.models import check_layer, check_neuron, check_windows, hook_name, is_gated, mlp_norm
 
 __all__ = [
@@ -140,11 +140,7 @@ def mlp_in_weights(
 
 
 def _as_index(name: str, values: IndexLike, high: int) -> Tensor:
-    idx = torch.as_tensor(np.array(values), dtype=torch.long).reshape(-1)
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= high):
-        bad = idx[(idx < 0) | (idx >= high)][0].item()
-        fail(name, f"hold values in 0..{high - 1}", f"{bad}")
-    return idx
+    return torch.from_numpy(check_index_array(name, values, high))  # integers only: floats are never truncated
 
 
 @torch.inference_mode()
@@ -162,6 +158,7 @@ def _gather(
     layer = check_layer(model, layer)
     windows = check_windows(model, windows)
     check_same_length(window_ids=window_ids, positions=positions)
+    batch_size = check_positive_int("batch_size", batch_size)
     wid = _as_index("window_ids", window_ids, windows.shape[0])
     pos = _as_index("positions", positions, windows.shape[1])
     unique, inverse = torch.unique(wid, return_inverse=True)  # each window runs once

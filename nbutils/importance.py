@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from nbutils._validation import check_int_range, fail
+from nbutils._validation import check_int_range, check_positive_int, fail
 from nbutils.models import check_layer, check_neuron, check_windows, hook_name
 
 __all__ = ["neutral_token", "ablation_drops", "token_importance", "neuron_activations"]
@@ -66,8 +66,8 @@ def ablation_drops(
     """
     layer, neuron = check_layer(model, layer), check_neuron(model, neuron)
     tokens, pos = _check_tokens(model, tokens, pos)
-    replacement = neutral_token(model) if replacement is None else int(replacement)
-    check_int_range("replacement", replacement, 0, model.cfg.d_vocab - 1, what="(a token id)")
+    replacement = neutral_token(model) if replacement is None else replacement
+    replacement = check_int_range("replacement", replacement, 0, model.cfg.d_vocab - 1, what="(a token id)")
     prefix = tokens[: pos + 1]  # [pos + 1]
     batch = prefix.repeat(pos + 2, 1)  # [pos + 2, pos + 1]: row 0 original, row m + 1 ablates token m
     idx = torch.arange(pos + 1)
@@ -129,6 +129,7 @@ def neuron_activations(
     """
     layer, neuron = check_layer(model, layer), check_neuron(model, neuron)
     windows = check_windows(model, windows)
+    batch_size = check_positive_int("batch_size", batch_size)
     name = hook_name(layer, "post")
     device = next(model.parameters()).device
     parts = []

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from nbutils import _env, data
-from nbutils._validation import check_int_range, fail
+from nbutils._validation import check_int_range, check_path, check_positive_int, fail
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -70,6 +70,7 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | None = No
         ConnectionError: a hub name while the hub is not reachable; names the offline default.
     """
     name = _env.switch(name, "NBUTILS_MODEL", DEFAULT_MODEL_NAME)
+    check_path("name", name, what="a model name or folder")
     if str(name) == DEFAULT_MODEL_NAME:
         if not (_env.DEFAULT_MODEL_DIR / "config.json").exists():
             raise FileNotFoundError(
@@ -210,6 +211,7 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
 @torch.no_grad()
 def heldout_loss(hf_model: Any, windows: torch.Tensor, batch_size: int = 64) -> float:
     """Mean next-token cross-entropy (nats) of a Hugging Face causal LM over `windows [n, window]`."""
+    batch_size = check_positive_int("batch_size", batch_size)
     hf_model.eval()
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):

@@ -28,7 +28,7 @@ import pandas as pd
 from jaxtyping import Float
 
 from nbutils import clustering
-from nbutils._validation import check_choice, check_int_range, check_matrix
+from nbutils._validation import check_choice, check_int_range, check_matrix, check_positive_int
 
 __all__ = ["SPACES", "BACKENDS", "EXACT_MAX", "LayerFeatures", "layer_features", "nearest_neighbours",
            "similar_features"]
@@ -75,6 +75,7 @@ def layer_features(
     from threadpoolctl import threadpool_limits
 
     min_size = check_int_range("min_size", min_size, 1, 10**9)
+    batch_size = check_positive_int("batch_size", batch_size)
     method = check_choice("method", clustering.DEFAULT_METHOD if method is None else method, clustering.METHODS)
     t = clustering._check_threshold(method, threshold)
     lx = examples if examples is not None else clustering.layer_examples(model, windows, top, layer, fold_ln=fold_ln,
@@ -123,7 +124,7 @@ def nearest_neighbours(
     """The `k` nearest rows of each row of `x` by cosine similarity, itself excluded.
 
     Args:
-        x: vectors `[n, d]`.
+        x: vectors `[n, d]`, at least two rows (a row is never its own neighbour).
         k: neighbours per row (at most n - 1).
         backend: `"exact"`, `"pynndescent"` or `"auto"` (exact up to `EXACT_MAX` rows).
         seed: pynndescent's `random_state`.
@@ -131,10 +132,10 @@ def nearest_neighbours(
     Returns:
         `(indices [n, k], similarities [n, k])`, most similar first.
     """
-    x = check_matrix("x", x)
+    x = check_matrix("x", x, min_rows=2)
     backend = check_choice("backend", backend, BACKENDS)
     n = x.shape[0]
-    k = check_int_range("k", k, 1, max(1, n - 1), what="(at most the number of rows - 1)")
+    k = check_int_range("k", k, 1, n - 1, what="(at most the number of rows - 1)")
     if backend == "pynndescent" or (backend == "auto" and n > EXACT_MAX):
         from pynndescent import NNDescent
 

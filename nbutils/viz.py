@@ -24,7 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 from jaxtyping import Float, Int
 
-from nbutils._validation import check_choice, check_int_range, check_matrix, check_same_length, fail
+from nbutils._validation import (check_choice, check_float_range, check_index_array, check_int_range, check_matrix,
+                                 check_positive_float, check_positive_int, check_same_length, fail)
 
 __all__ = [
     "UMAP_MIN_POINTS",
@@ -100,6 +101,7 @@ def layout_2d(
     """
     e = check_matrix("e", e, min_rows=1)
     n_neighbors = check_int_range("n_neighbors", n_neighbors, 2, 200)
+    min_dist = check_float_range("min_dist", min_dist, 0.0, 100.0)
     u = _unit_rows(e)  # [n, d]
     n = len(u)
     if n < UMAP_MIN_POINTS:
@@ -163,9 +165,7 @@ def umap_plot(
         from nbutils.clustering import central_example
 
         central = central_example(e, labels)
-    central = np.asarray(central, dtype=np.int64).reshape(-1)
-    if central.size and (central.min() < 0 or central.max() >= len(e)):
-        fail("central", f"hold example indices in 0..{len(e) - 1}", central.tolist())
+    central = check_index_array("central", central, len(e), what=f"example indices in 0..{len(e) - 1}")
     layout = layout if layout is not None else layout_2d(e, seed=seed)
     if layout.coords.shape != (len(e), 2):
         fail("layout", f"have coords of shape ({len(e)}, 2)", f"shape {layout.coords.shape}")
@@ -239,6 +239,7 @@ def polysemy_plot(table: Any, *, figsize: tuple[float, float] = (10.0, 3.8)) -> 
 
 def figure_png(fig: Any, *, dpi: int = 90) -> bytes:
     """PNG bytes of a matplotlib figure (for an `ipywidgets.Image`, which needs no plotting backend)."""
+    dpi = check_positive_int("dpi", dpi)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
@@ -252,6 +253,14 @@ def _check_tokens(tokens: Sequence[str], values: Any) -> np.ndarray:
     if not np.isfinite(values).all():
         fail("values", "be finite", f"{int((~np.isfinite(values)).sum())} NaN or inf")
     return values
+
+
+def _colour_scale(values: np.ndarray, kind: str, max_value: Any) -> float:
+    """The value of the full colour: `max_value` (a finite number > 0) when given, else 1 for importance, else
+    the largest value (0 when none is positive: nothing is coloured)."""
+    if max_value is not None:
+        return check_positive_float("max_value", max_value)
+    return 1.0 if kind == "importance" else float(values.max(initial=0.0))
 
 
 def _show_token(token: str) -> str:
@@ -282,7 +291,7 @@ def tokens_html(
     kind = check_choice("kind", kind, tuple(COLOURS))
     if highlight is not None:
         highlight = check_int_range("highlight", highlight, 0, len(tokens) - 1)
-    top = max_value if max_value is not None else (1.0 if kind == "importance" else float(values.max(initial=0.0)))
+    top = _colour_scale(values, kind, max_value)
     r, g, b = COLOURS[kind]
     spans = []
     for i, (token, value) in enumerate(zip(tokens, values)):
@@ -337,7 +346,7 @@ def tokens(
     kind = check_choice("kind", kind, tuple(COLOURS))
     from circuitsvis.tokens import colored_tokens
 
-    top = max_value if max_value is not None else (1.0 if kind == "importance" else float(values.max(initial=0.0)))
+    top = _colour_scale(values, kind, max_value)
     rendered = colored_tokens(
         list(tokens), values.tolist(), min_value=0.0, max_value=top if top > 0 else 1.0,
         positive_color="#%02x%02x%02x" % COLOURS[kind],
