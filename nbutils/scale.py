@@ -52,7 +52,16 @@ import torch
 from nbutils import _env, activations, data
 from nbutils._validation import check_choice, check_int_range, fail
 
-__all__ = ["CorpusSpec", "SpecError", "collect_ray", "connect", "shard_bounds"]
+__all__ = [
+    "CorpusSpec",
+    "SpecError",
+    "collect_ray",
+    "build_atlas_ray",
+    "connect",
+    "shard_bounds",
+    "add_ray_arguments",
+    "build_from_args",
+]
 
 _RETRIES = 3  # times Ray re-runs a task whose worker process died
 _CONNECT_TIMEOUT = 5.0  # seconds to wait for a cluster address to answer
@@ -248,6 +257,15 @@ def _collect_shard(model_spec: str, corpus_spec: CorpusSpec, start: int, stop: i
     return {"start": start, "stop": stop, "seconds": time.perf_counter() - began, "pid": os.getpid()}, top
 
 
+def _layer_tables(model_spec: str, corpus_spec: CorpusSpec, top: activations.TopActivations, layer: int,
+                  settings: Any, threads: int) -> Any:
+    """One layer's `clusters` step of the atlas (`atlas.layer_tables`) on this worker's model and windows."""
+    from nbutils import atlas
+
+    model, windows = _worker_setup(model_spec, corpus_spec, threads)
+    return atlas.layer_tables(model, windows, top, layer, settings)
+
+
 def _merge(a: activations.TopActivations, b: activations.TopActivations) -> activations.TopActivations:
     return activations.merge(a, b)
 
@@ -297,11 +315,36 @@ def _wait_all(ray: Any, statuses: list, progress: bool, desc: str) -> list[dict]
     return done
 
 
+def _start_shards(ray: Any, spec: str, corpus_spec: CorpusSpec, shards: int, settings: dict, num_gpus: float | None,
+                  cache_dir: Any, kill_marker: Any = None) -> tuple[list, list]:
+    """Submit one task per shard; (status references, result references), in shard order."""
+    bounds = shard_bounds(corpus_spec.n_windows, shards, settings["batch_size"])
+    options = {**settings, "cache_dir": None if cache_dir is None else str(Path(cache_dir).resolve())}
+    marker = None if kill_marker is None else str(Path(kill_marker).resolve())
+    task = ray.remote(_collect_shard).options(num_cpus=1, num_gpus=_gpus(ray, num_gpus), num_returns=2,
+                                              max_retries=_RETRIES)
+    submitted = [task.remote(spec, corpus_spec, start, stop, options, 1, marker) for start, stop in bounds]
+    return [s for s, _ in submitted], [r for _, r in submitted]
+
+
+def _collect(ray: Any, spec: str, corpus_spec: CorpusSpec, shards: int, settings: dict, num_gpus: float | None,
+             cache_dir: Any, progress: bool, kill_marker: Any = None) -> activations.TopActivations:
+    """Run the shard tasks and the merge tree, follow the shards with a bar, return the merged result."""
+    statuses, results = _start_shards(ray, spec, corpus_spec, shards, settings, num_gpus, cache_dir, kill_marker)
+    try:
+        _wait_all(ray, statuses, progress, f"collecting {shards} shards on Ray")
+        return _get(ray, _merge_tree(ray, results))
+    except BaseException:
+        for ref in statuses:
+            ray.cancel(ref)
+        raise
+
+
 def collect_ray(
     model_spec: str | os.PathLike | None,
     corpus_spec: CorpusSpec,
     *,
-    shards: int,
+    shards: int | None = None,
     k: int = 128,
     frac: float = 0.75,
     batch_size: int = 64,
@@ -321,7 +364,7 @@ def collect_ray(
         model_spec: a model name or Hugging Face folder (`models.load_model`); `None` for `$NBUTILS_MODEL` or
             the offline default. Every worker loads it itself.
         corpus_spec: the windows (`CorpusSpec`).
-        shards: number of tasks, 1..number of batches.
+        shards: number of tasks, 1..number of batches; default two per CPU of the cluster.
         k, frac, batch_size: as in `collect_top_activations`.
         address: a Ray cluster (`host:port`, `ray://host:port` or `auto`); default `$RAY_ADDRESS`, else a local
             cluster started in this process.
@@ -337,32 +380,129 @@ def collect_ray(
         ValueError: bad settings, or a worker could not load the model or the corpus (names `model_spec` or
             `corpus_spec`).
     """
-    if not isinstance(corpus_spec, CorpusSpec):
-        raise TypeError(f"`corpus_spec` must be a scale.CorpusSpec; got {type(corpus_spec).__name__}.")
-    activations.CollectSettings(k=k, frac=frac, batch_size=batch_size)  # checks the settings on the driver
-    bounds = shard_bounds(corpus_spec.n_windows, shards, batch_size)
+    _check_corpus_spec(corpus_spec)
+    settings = dict(k=k, frac=frac, batch_size=batch_size)
+    activations.CollectSettings(**settings)  # checks the settings on the driver
+    _check_shards(shards, corpus_spec.n_windows, batch_size)
     spec = _model_spec(model_spec)
     session = connect(address)
     try:
-        return _collect(session.ray, spec, corpus_spec, bounds, dict(k=k, frac=frac, batch_size=batch_size),
-                        num_gpus, cache_dir, progress, _kill_marker)
+        shards = _default_shards(session.ray, shards, corpus_spec.n_windows, batch_size)
+        return _collect(session.ray, spec, corpus_spec, shards, settings, num_gpus, cache_dir, progress, _kill_marker)
     finally:
         session.close()
 
 
-def _collect(ray: Any, spec: str, corpus_spec: CorpusSpec, bounds: list[tuple[int, int]], settings: dict,
-             num_gpus: float | None, cache_dir: Any, progress: bool, kill_marker: Any) -> activations.TopActivations:
-    """Submit the shard tasks and the merge tree, follow the shards, return the merged result."""
-    options = {**settings, "cache_dir": None if cache_dir is None else str(Path(cache_dir).resolve())}
-    marker = None if kill_marker is None else str(Path(kill_marker).resolve())
-    task = ray.remote(_collect_shard).options(num_cpus=1, num_gpus=_gpus(ray, num_gpus), num_returns=2,
-                                              max_retries=_RETRIES)
-    submitted = [task.remote(spec, corpus_spec, start, stop, options, 1, marker) for start, stop in bounds]
-    statuses, results = [s for s, _ in submitted], [r for _, r in submitted]
+def _check_shards(shards: int | None, n_windows: int, batch_size: int) -> None:
+    if shards is not None:
+        shard_bounds(n_windows, shards, batch_size)
+
+
+def _default_shards(ray: Any, shards: int | None, n_windows: int, batch_size: int) -> int:
+    """`shards`, or two per CPU of the cluster (at most one per batch), so a slow shard delays little."""
+    if shards is not None:
+        return shards
+    return max(1, min(-(-n_windows // batch_size), 2 * int(ray.cluster_resources().get("CPU", 1))))
+
+
+def _check_corpus_spec(corpus_spec: Any) -> CorpusSpec:
+    if not isinstance(corpus_spec, CorpusSpec):
+        raise TypeError(f"`corpus_spec` must be a scale.CorpusSpec; got {type(corpus_spec).__name__}.")
+    return corpus_spec
+
+
+def build_atlas_ray(
+    model_spec: str | os.PathLike | None,
+    corpus_spec: CorpusSpec,
+    *,
+    shards: int | None = None,
+    address: str | None = None,
+    layers: list[int] | None = None,
+    out: str | os.PathLike | None = None,
+    k: int = 128,
+    frac: float = 0.75,
+    num_gpus: float | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> Any:
+    """`atlas.build_atlas` with the collection (`collect_ray`) and the per-layer `clusters` steps on Ray.
+
+    The driver loads the model and the windows too: it checks the merged collection against them, writes the
+    atlas folder (`out`, on the driver's disk or a shared filesystem), and runs the `features` and `similar`
+    steps. Each layer's `clusters` step is one task (`atlas.layer_tables`) on a worker that loads the model and
+    windows from their specs; the merged collection goes to the object store once. The atlas is identical,
+    table by table, to `atlas.build_atlas` in one process, and resumes like it.
+
+    Args:
+        model_spec, corpus_spec, shards, address, num_gpus, cache_dir, progress: as in `collect_ray`.
+        layers, out, k, frac, **options: as in `atlas.build_atlas` (`method`, `threshold`, `batch_size`, ...).
+
+    Returns:
+        the finished `atlas.Atlas`.
+
+    Raises:
+        as `collect_ray` and `atlas.build_atlas`.
+    """
+    from dataclasses import asdict, fields
+
+    from nbutils import atlas, models
+
+    _check_corpus_spec(corpus_spec)
+    unknown = set(options) - {f.name for f in fields(atlas.AtlasSettings)}
+    if unknown:
+        raise TypeError(f"build_atlas_ray() got unknown options {sorted(unknown)}; see `atlas.AtlasSettings`.")
+    settings = atlas.AtlasSettings(k=k, frac=frac, **options)
+    _check_shards(shards, corpus_spec.n_windows, settings.batch_size)
+    spec = _model_spec(model_spec)
+    session = connect(address)
+    ray = session.ray
     try:
-        _wait_all(ray, statuses, progress, f"collecting {len(bounds)} shards on Ray")
-        return _get(ray, _merge_tree(ray, results))
-    except BaseException:
-        for ref in statuses:
-            ray.cancel(ref)
-        raise
+        shards = _default_shards(ray, shards, corpus_spec.n_windows, settings.batch_size)
+        collect = dict(k=settings.k, frac=settings.frac, batch_size=settings.batch_size)
+        top = _collect(ray, spec, corpus_spec, shards, collect, num_gpus, cache_dir, progress)
+        model = models.load_model(spec)
+        windows = corpus_spec.windows(model)
+        top_ref = ray.put(top)
+        task = ray.remote(_layer_tables).options(num_cpus=1, num_gpus=_gpus(ray, num_gpus), max_retries=_RETRIES)
+
+        def map_layers(todo: list[int], st: Any) -> Iterator[Any]:
+            pending = [task.remote(spec, corpus_spec, top_ref, layer, st, 1) for layer in todo]
+            try:
+                while pending:
+                    ready, pending = ray.wait(pending, num_returns=1)
+                    yield _get(ray, ready[0])
+            finally:
+                for ref in pending:
+                    ray.cancel(ref)
+
+        return atlas.build_atlas(model, windows, top=top, map_layers=map_layers, layers=layers, out=out,
+                                 cache_dir=cache_dir, source=corpus_spec.source, progress=progress, **asdict(settings))
+    finally:
+        session.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line (`python -m nbutils atlas build --ray ...`)
+
+
+def add_ray_arguments(parser: Any) -> None:
+    """Add `--ray`, `--address`, `--shards` and `--num-gpus` to the `atlas build` parser."""
+    group = parser.add_argument_group("Ray (needs `pip install -e \".[scale]\"`)")
+    group.add_argument("--ray", action="store_true", help="collect and cluster on Ray (local cluster by default)")
+    group.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+    group.add_argument("--shards", type=int, default=None, help="corpus shards (default: two per CPU of the cluster)")
+    group.add_argument("--num-gpus", type=float, default=None, help="GPUs per worker (default: 1 when the cluster has GPUs)")
+
+
+def build_from_args(args: Any) -> Any:
+    """`build_atlas_ray` from the parsed `atlas build --ray` arguments; the atlas goes where `atlas build` puts it."""
+    from nbutils import atlas
+
+    spec = CorpusSpec(source=args.source, n_windows=args.windows, window=args.window)
+    model = _model_spec(args.model)
+    out = args.out or atlas.default_path(model_name=_env.switch(args.model, "NBUTILS_MODEL", _default_model()),
+                                         source=spec.source, n_windows=spec.n_windows, window=spec.window, k=args.k)
+    return build_atlas_ray(model, spec, shards=args.shards, address=args.address, layers=args.layers, out=out, k=args.k,
+                           frac=args.frac, method=args.method, threshold=args.threshold, num_gpus=args.num_gpus,
+                           progress=not args.quiet)

@@ -12,7 +12,10 @@ import sys
 import pytest
 import torch
 
-from nbutils import activations, scale
+import pandas as pd
+
+from nbutils import __main__ as cli
+from nbutils import activations, atlas, scale
 
 ray = pytest.importorskip("ray")
 
@@ -105,6 +108,28 @@ def test_corpus_that_workers_cannot_build(cluster, tmp_path):
     spec = scale.CorpusSpec(n_windows=10**8, window=32)
     with pytest.raises(ValueError, match=r"`corpus_spec` .* could not be turned into windows.*`n_windows` must be at most"):
         scale.collect_ray(None, spec, shards=1, k=K, batch_size=BATCH, cache_dir=tmp_path, progress=False)
+
+
+def test_atlas_identical_to_in_process_build(cluster, model, tmp_path):
+    options = dict(k=K, frac=FRAC, batch_size=BATCH, layers=[0, 3], progress=False)
+    reference = atlas.build_atlas(model, SPEC.windows(model), out=tmp_path / "one", cache_dir=tmp_path / "c1", **options)
+    built = scale.build_atlas_ray(None, SPEC, shards=4, out=tmp_path / "ray", cache_dir=tmp_path / "c2", **options)
+    assert built.manifest["key_hash"] == reference.manifest["key_hash"]
+    for name in ("neurons", "examples", "contexts", "features", "similar"):
+        pd.testing.assert_frame_equal(built.table(name), reference.table(name), obj=f"table {name}")
+    assert built.manifest["steps"].keys() == reference.manifest["steps"].keys()
+
+
+def test_command_line(cluster, tmp_path, capsys):
+    args = ["atlas", "build", "--windows", "64", "--window", "32", "--k", "8", "--layers", "1", "--quiet", "--ray"]
+    assert cli.main(args + ["--shards", "1", "--out", str(tmp_path / "a")]) == 0
+    assert "layers    [1]" in capsys.readouterr().out  # the atlas's info, printed at the end
+    assert atlas.Atlas.open(tmp_path / "a").layers == [1]
+    assert cli.main(args + ["--shards", "2"]) == 2  # 64 windows are one batch of 64
+    assert "`shards` must be in 1..1" in capsys.readouterr().err
+    assert cli.main(args + ["--address", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "`address` = '127.0.0.1:1'" in err and len(err.strip().splitlines()) == 1, err
 
 
 # Last of the Ray tests: the replacement worker starts while nothing waits for it.
