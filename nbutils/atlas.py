@@ -996,13 +996,13 @@ class Atlas:
     def neuron_examples(self, layer: int, neuron: int) -> pd.DataFrame:
         """One neuron's `examples` rows, highest activation first."""
         layer, neuron = self._check_layer(layer), self._check_neuron(neuron)
-        return self.sql("SELECT * FROM examples WHERE layer = ? AND neuron = ? ORDER BY act DESC, window",
+        return self.sql("SELECT * FROM examples WHERE layer = ? AND neuron = ? ORDER BY act DESC, \"window\"",
                         [layer, neuron])
 
     def neuron_contexts(self, layer: int, neuron: int) -> pd.DataFrame:
         """One neuron's `contexts` rows (the shown examples' activations around the activating token)."""
         layer, neuron = self._check_layer(layer), self._check_neuron(neuron)
-        return self.sql("SELECT window, pos, start, acts FROM contexts WHERE layer = ? AND neuron = ?", [layer, neuron])
+        return self.sql("SELECT \"window\", pos, start, acts FROM contexts WHERE layer = ? AND neuron = ?", [layer, neuron])
 
     def similar_to(self, layer: int, neuron: int, cluster: int | None = None) -> pd.DataFrame:
         """Similar features of one neuron's features (one cluster, or all), most similar first."""

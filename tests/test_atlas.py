@@ -1,0 +1,257 @@
+"""Tests for nbutils.atlas: every table against an independent computation, resume after kills, foreign files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from nbutils import activations, atlas, clustering, data, embeddings
+from nbutils.cache import CacheError
+
+K = 12
+SMALL = dict(n_windows=24, window=16, k=6)  # the kill-and-resume builds (subprocesses)
+
+
+@pytest.fixture(scope="module")
+def built(model, windows, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("atlas")
+    return atlas.build_atlas(model, windows, k=K, out=folder / "a", cache_dir=folder / "cache", progress=False)
+
+
+@pytest.fixture(scope="module")
+def top(model, windows):
+    return activations.collect_top_activations(model, windows, k=K, use_cache=False, progress=False)
+
+
+def _busy(at: atlas.Atlas, layer: int) -> int:
+    return int(at.most_polysemantic(1, layer=layer, min_examples=5)["neuron"].iloc[0])
+
+
+def test_examples_match_the_collection_and_the_manifest_describes_the_build(built, top, windows):
+    ex = built.table("examples")
+    expected = top.examples
+    pd.testing.assert_frame_equal(ex[["layer", "neuron", "window", "pos"]].reset_index(drop=True),
+                                  expected[["layer", "neuron", "window", "pos"]].reset_index(drop=True))
+    np.testing.assert_array_equal(ex["act"].to_numpy(), expected["act"].to_numpy())
+    assert torch.equal(built.windows, windows)
+    m = built.manifest
+    assert m["status"] == "complete" and m["corpus"]["n_windows"] == len(windows) and m["settings"]["k"] == K
+    assert all(step["status"] == "done" for step in m["steps"].values()) and len(m["steps"]) == 2 + 2 * 4
+    assert {"torch", "duckdb", "transformer_lens"} <= set(m["versions"])
+
+
+def test_clusters_equal_clustering_of_independent_embeddings(built, model, windows):
+    for layer in (0, 2):
+        neuron = _busy(built, layer)
+        ex = built.neuron_examples(layer, neuron)
+        e = embeddings.neuron_embeddings(model, windows, layer, neuron, ex["window"].to_numpy().copy(),
+                                         ex["pos"].to_numpy().copy()).numpy()
+        # the invariant: the embeddings reproduce the stored activations through the neuron's own bias
+        _, b = embeddings.mlp_in_weights(model, layer)
+        pre = e.sum(1) + float(b[neuron])
+        np.testing.assert_allclose(clustering.mlp_activation(model, pre), ex["act"], atol=1e-4)
+        labels = clustering.cluster(e)
+        np.testing.assert_array_equal(ex["cluster"].to_numpy(), labels)
+        centres = clustering.central_example(e, labels)
+        assert sorted(np.flatnonzero(ex["is_central"].to_numpy())) == sorted(centres.tolist())
+        row = built.neuron(layer, neuron)
+        assert row["n_clusters"] == labels.max() + 1
+        assert row["effective_clusters"] == pytest.approx(clustering.effective_n_clusters(labels))
+        assert row["monosemanticity"] == pytest.approx(clustering.monosemanticity(e), abs=1e-6)
+
+
+def test_contexts_hold_the_neurons_activation_around_each_shown_example(built, model, windows):
+    layer = 1
+    neuron = _busy(built, layer)
+    ctx = built.neuron_contexts(layer, neuron)
+    ex = built.neuron_examples(layer, neuron)
+    assert len(ctx) == int(ex["shown"].sum()) > 0
+    full = activations.neuron_activations(model, windows, layer, neuron, ctx["window"].to_numpy().copy()).numpy()
+    for i, row in enumerate(ctx.itertuples()):
+        stop = min(row.pos + built.settings.after + 1, windows.shape[1])
+        assert row.start == max(0, row.pos - built.settings.before)
+        np.testing.assert_allclose(row.acts, full[i, row.start : stop], atol=1e-4)
+    # tabs list each cluster's centre and its next examples by activation
+    for c, members in ex.groupby("cluster"):
+        if len(members) >= 2:
+            assert members["shown"].sum() == min(len(members), built.settings.shown)
+            assert members.loc[members["is_central"], "shown"].all()
+
+
+def test_features_are_the_clusters_of_three_or_more_with_token_labels(built):
+    ex, feats = built.table("examples"), built.table("features")
+    sizes = ex.groupby(["layer", "neuron", "cluster"]).size()
+    big = sizes[sizes >= 3]
+    assert len(feats) == len(big)
+    for row in feats.sample(min(25, len(feats)), random_state=0).itertuples():
+        members = ex[(ex.layer == row.layer) & (ex.neuron == row.neuron) & (ex.cluster == row.cluster)]
+        assert row.size == len(members)
+        assert row.mean_act == pytest.approx(members["act"].mean(), rel=1e-5)
+        centre = members[members["is_central"]]
+        assert (row.window, row.pos) == (int(centre["window"].iloc[0]), int(centre["pos"].iloc[0]))
+        counts = members["token"].value_counts()
+        top_token, share = counts.index[0], counts.iloc[0] / len(members)
+        if counts.iloc[0] > (counts.iloc[1] if len(counts) > 1 else 0):  # a unique most common token leads the label
+            assert row.label.startswith(f"{json.dumps(top_token, ensure_ascii=False)} {100 * share:.0f}%")
+    assert atlas.token_label([" the", " the", " a"]) == '" the" 67% · " a" 33%'
+
+
+def test_similar_features_are_the_brute_force_nearest_of_other_neurons(built, model, windows):
+    feats, sim = built.table("features"), built.table("similar")
+    vecs = pd.concat([pd.read_parquet(built.path / f"vectors/layer={l:03d}.parquet") for l in built.layers])
+    feats = feats.merge(vecs, on=["layer", "neuron", "cluster"])
+    x = np.stack(feats["vector"].to_numpy()).astype(np.float64)
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    assert set(sim["other_layer"]) != {0} or set(sim["layer"]) == {0}
+    assert (sim["layer"] != sim["other_layer"]).any()  # across layers as well as within
+    ex = built.table("examples")
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(feats), size=8, replace=False):
+        f = feats.iloc[i]
+        other = ~((feats["layer"] == f.layer) & (feats["neuron"] == f.neuron)).to_numpy()
+        cos = u[other] @ u[i]
+        best = np.argsort(-cos, kind="stable")[: built.settings.n_similar]
+        got = sim[(sim.layer == f.layer) & (sim.neuron == f.neuron) & (sim.cluster == f.cluster)].sort_values("rank")
+        np.testing.assert_allclose(got["similarity"], cos[best], atol=1e-5)
+        first = got.iloc[0]
+        mine = ex[(ex.layer == f.layer) & (ex.neuron == f.neuron) & (ex.cluster == f.cluster)]
+        theirs = ex[(ex.layer == first.other_layer) & (ex.neuron == first.other_neuron) & (ex.cluster == first.other_cluster)]
+        a, b = set(zip(mine.window, mine.pos)), set(zip(theirs.window, theirs.pos))
+        assert first.shared_examples == pytest.approx(len(a & b) / len(a | b))
+        members = mine.head(atlas.CROSS_MEMBERS)
+        acts = activations.neuron_activations(model, windows, int(first.other_layer), int(first.other_neuron),
+                                              members["window"].to_numpy().copy()).numpy()
+        value = acts[np.arange(len(members)), members["pos"].to_numpy()].mean()
+        max_act = float(built.neuron(int(first.other_layer), int(first.other_neuron))["max_act"])
+        assert first.cross_act == pytest.approx(value / max_act, abs=1e-4)
+
+
+def test_queries_search_and_ranking_match_pandas(built):
+    neurons, ex, feats = built.table("neurons"), built.table("examples"), built.table("features")
+    ranked = built.most_polysemantic(7)
+    expected = neurons[neurons.n_examples >= 10].sort_values(["effective_clusters", "monosemanticity", "layer", "neuron"],
+                                                              ascending=[False, True, True, True]).head(7)
+    assert list(zip(ranked.layer, ranked.neuron)) == list(zip(expected.layer, expected.neuron))
+    assert set(built.most_polysemantic(50, layer=2)["layer"]) == {2}
+    token = ex.merge(feats[["layer", "neuron", "cluster"]])["token"].value_counts().index[0]
+    found = built.search(token=token, limit=10**6)
+    hits = ex[ex.token.str.strip().str.lower() == token.strip().lower()].merge(feats[["layer", "neuron", "cluster"]])
+    counts = hits.groupby(["layer", "neuron", "cluster"]).size()
+    assert len(found) == len(counts) and found["matches"].sum() == counts.sum()
+    assert found["matches"].is_monotonic_decreasing
+    word = "the"
+    by_text = built.search(text=word.upper(), limit=10**6)
+    text_hits = ex[ex.context.str.lower().str.contains(word, regex=False)].merge(feats[["layer", "neuron", "cluster"]])
+    assert by_text["matches"].sum() == len(text_hits)
+    assert built.sql("SELECT count(*) AS n FROM examples")["n"].iloc[0] == len(ex)
+    with pytest.raises(ValueError, match="`query` failed"):
+        built.sql("SELEC 1")
+    with pytest.raises(ValueError, match="`token` must be given"):
+        built.search()
+
+
+def test_open_reads_without_the_model_and_a_second_build_reuses_everything(built, model, windows):
+    opened = atlas.Atlas.open(built.path)
+    pd.testing.assert_frame_equal(opened.table("neurons"), built.table("neurons"))
+    assert opened.str_tokens(3) == [opened.vocab[t] for t in windows[3].tolist()]
+    before = {p: p.stat().st_mtime_ns for p in built.path.rglob("*.parquet")}
+    again = atlas.build_atlas(model, windows, k=K, out=built.path, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in built.path.rglob("*.parquet")} == before  # nothing recomputed
+    assert again.path == built.path
+
+
+def test_foreign_truncated_and_mismatched_files_are_refused(built, model, windows, tmp_path):
+    other = atlas.build_atlas(model, windows[:20], k=4, layers=[1], out=tmp_path / "other", progress=False)
+    copy = tmp_path / "copy"
+    shutil.copytree(built.path, copy)
+    shutil.copy(other.path / "examples/layer=001.parquet", copy / "examples/layer=001.parquet")
+    with pytest.raises(CacheError, match="belongs to another atlas"):
+        atlas.Atlas.open(copy)
+    shutil.copytree(built.path, tmp_path / "cut")
+    target = tmp_path / "cut/similar.parquet"
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    with pytest.raises(CacheError, match="unreadable"):
+        atlas.Atlas.open(tmp_path / "cut")
+    with pytest.raises(CacheError, match="unreadable"):  # resuming verifies finished steps too
+        atlas.build_atlas(model, windows, k=K, out=tmp_path / "cut", progress=False)
+    with pytest.raises(CacheError, match="another model, corpus or settings"):
+        atlas.build_atlas(model, windows, k=K + 1, out=built.path, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(layers=[9]), ValueError, "`layers` must be in 0..3"),
+    (dict(layers="0"), TypeError, "`layers` must be a list"),
+    (dict(k=0), ValueError, "`k` must be in"),
+    (dict(method="kmeans"), ValueError, "`method` must be one of"),
+    (dict(shown=0), ValueError, "`shown` must be in"),
+    (dict(colour="red"), TypeError, "unknown options"),
+])
+def test_bad_arguments_name_the_argument(model, windows, kwargs, error, match, tmp_path):
+    with pytest.raises(error, match=match):
+        atlas.build_atlas(model, windows, out=tmp_path / "a", progress=False, **kwargs)
+
+
+def test_out_that_is_a_file_and_top_of_other_windows_are_refused(model, windows, top, tmp_path):
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(ValueError, match="`out` must be a folder"):
+        atlas.build_atlas(model, windows, k=K, out=file / "a", progress=False)
+    with pytest.raises(ValueError, match="`top` must cover exactly the windows"):
+        atlas.build_atlas(model, windows[:10], k=K, top=top, out=tmp_path / "b", progress=False)
+    with pytest.raises(TypeError, match="`top` must be an activations.TopActivations"):
+        atlas.build_atlas(model, windows, k=K, top=top.examples, out=tmp_path / "c", progress=False)
+    with pytest.raises(FileNotFoundError, match="No atlas at"):
+        atlas.Atlas.open(tmp_path)
+
+
+_BUILD = """
+import sys
+from nbutils import atlas, data, models
+model = models.load_model()
+windows = data.corpus_windows(model, n_windows={n_windows}, window={window})
+atlas.build_atlas(model, windows, k={k}, out=sys.argv[1], cache_dir=sys.argv[2], progress=False, batch_size=4)
+"""
+
+
+def _run_build(out: Path, cache: Path, kill_when: str | None) -> int:
+    """Build in a subprocess; with `kill_when`, SIGKILL it as soon as that file (glob) appears in `out`."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-c", _BUILD.format(**SMALL), str(out), str(cache)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while kill_when is not None and proc.poll() is None and time.time() < deadline:
+        if list(out.glob(kill_when)) or list(cache.glob(kill_when)):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=240)
+    return proc.returncode
+
+
+def test_a_killed_build_resumes_to_the_same_atlas(tmp_path):
+    reference = tmp_path / "reference"
+    assert _run_build(reference, tmp_path / "cache-ref", None) == 0
+    expected = atlas.Atlas.open(reference)
+    out, cache_dir = tmp_path / "killed", tmp_path / "cache"
+    kills = 0
+    # during collection (its checkpoint), after the collection step, after a layer's clusters, after features
+    for target in ("**/checkpoint.parquet", "top.parquet", "examples/layer=001.parquet", "features/layer=002.parquet"):
+        if _run_build(out, cache_dir, target) == -signal.SIGKILL:
+            kills += 1
+    assert kills >= 3, "the build finished before most kill points; make the test build larger"
+    assert _run_build(out, cache_dir, None) == 0
+    resumed = atlas.Atlas.open(out)
+    for name in ("neurons", "examples", "contexts", "features", "similar"):
+        pd.testing.assert_frame_equal(resumed.table(name), expected.table(name), check_exact=True)
+    assert torch.equal(resumed.windows, expected.windows)
