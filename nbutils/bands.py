@@ -1,0 +1,226 @@
+"""Examples across activation bands: for every neuron, a deterministic sample of tokens at every level of
+activation, not only the top.
+
+The interval (0, max] of each neuron (`max` from the top-k collection, `top.max_act`) is cut into `bands` equal
+widths; band b holds activations in `(b / bands * max, (b + 1) / bands * max]` (band `bands - 1` is the top;
+an activation above `max`, from windows the max was not taken on, counts in the top band). Every token of
+the corpus is a candidate in the band of its activation, and each (neuron, band) keeps the `per_band`
+candidates with the lowest *priority*, a fixed 64-bit hash of the token's global (window id, position).
+So the sample is a uniform random sample of the band's tokens, it does not depend on the order or the
+grouping in which windows are read, and two shards of a corpus merge into exactly the sample of one pass
+(`merge`, the same "keep the lowest priorities" step). Memory is O(n_layers x d_mlp x bands x per_band),
+whatever the size of the corpus.
+
+`BandSamples.table` columns: `layer, neuron, band, window, pos, act`, sorted by layer, neuron, band
+(highest band first) and priority.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from nbutils._validation import check_int_range, fail
+from nbutils.models import check_windows, hook_name
+
+__all__ = ["BandSamples", "collect_band_samples", "merge", "priority"]
+
+_NONE = torch.iinfo(torch.int64).max  # priority of an empty slot: above every real one
+_POS_BITS = 20  # a token's key is (window << _POS_BITS) | pos
+
+
+def _shr(x: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 (torch's `>>` is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _wrap(c: int) -> int:
+    """An unsigned 64-bit constant as the signed int64 with the same bits."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def priority(window: Int[Tensor, "*shape"], pos: Int[Tensor, "*shape"]) -> Int[Tensor, "*shape"]:
+    """The sampling priority of tokens: splitmix64's finaliser of `(window << 20) | pos`, an invertible mix
+    of 64 bits, so distinct tokens never share a priority. Returned as int64 (compare as signed)."""
+    x = (window.long() << _POS_BITS) | pos.long()
+    x = x + _wrap(0x9E3779B97F4A7C15)
+    x = (x ^ _shr(x, 30)) * _wrap(0xBF58476D1CE4E5B9)
+    x = (x ^ _shr(x, 27)) * _wrap(0x94D049BB133111EB)
+    x = x ^ _shr(x, 31)
+    return x.masked_fill(x == _NONE, _NONE - 1)  # keep the empty marker free
+
+
+@dataclass(eq=False)
+class BandSamples:
+    """Per neuron and activation band, a sample of tokens (lowest priorities first).
+
+    Attributes:
+        priority, window, pos: `[n_layers, d_mlp, bands, per_band]` int64 (`window` -1 in empty slots).
+        act: `[n_layers, d_mlp, bands, per_band]` float32 activations (NaN in empty slots).
+        max_act: `[n_layers, d_mlp]` the maxima the bands were cut from.
+        window_ranges: the window ids read, as half-open `(start, stop)` ranges.
+    """
+
+    priority: Int[Tensor, "n_layers d_mlp bands per_band"]
+    window: Int[Tensor, "n_layers d_mlp bands per_band"]
+    pos: Int[Tensor, "n_layers d_mlp bands per_band"]
+    act: Float[Tensor, "n_layers d_mlp bands per_band"]
+    max_act: Float[Tensor, "n_layers d_mlp"]
+    window_ranges: tuple[tuple[int, int], ...]
+    _tables: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def bands(self) -> int:
+        return int(self.window.shape[2])
+
+    @property
+    def per_band(self) -> int:
+        return int(self.window.shape[3])
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """`layer, neuron, band, window, pos, act`: the filled slots, by layer, neuron, band desc, priority."""
+        if "table" not in self._tables:
+            flipped = lambda t: t.flip(2)  # noqa: E731  (highest band first)
+            filled = flipped(self.window) >= 0
+            layer, neuron, band, _ = torch.nonzero(filled, as_tuple=True)
+            self._tables["table"] = pd.DataFrame({
+                "layer": layer.numpy().astype(np.int64),
+                "neuron": neuron.numpy().astype(np.int64),
+                "band": (self.bands - 1 - band).numpy().astype(np.int64),
+                "window": flipped(self.window)[filled].numpy(),
+                "pos": flipped(self.pos)[filled].numpy(),
+                "act": flipped(self.act)[filled].numpy(),
+            })
+        return self._tables["table"]
+
+
+def _empty(shape: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return (torch.full(shape, _NONE, dtype=torch.long), torch.full(shape, -1, dtype=torch.long),
+            torch.zeros(shape, dtype=torch.long), torch.full(shape, float("nan")))
+
+
+def _keep_lowest(state: tuple[Tensor, ...], cand: tuple[Tensor, ...], per_band: int) -> tuple[Tensor, ...]:
+    """Merge candidates into the state along the last axis, keeping the `per_band` lowest priorities."""
+    both = [torch.cat([a, b], dim=-1) for a, b in zip(state, cand)]  # [..., per_band + n_cand] each
+    prio, idx = torch.topk(both[0], k=per_band, dim=-1, largest=False, sorted=True)
+    return (prio, *(t.gather(-1, idx) for t in both[1:]))
+
+
+def _batch_candidates(
+    act: Float[Tensor, "n_tok d_mlp"], prio: Int[Tensor, "n_tok"], window: Int[Tensor, "n_tok"],
+    pos: Int[Tensor, "n_tok"], max_act: Float[Tensor, "d_mlp"], bands: int, per_band: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For each (neuron, band), the `per_band` lowest-priority tokens of one batch in that band.
+
+    Tokens are put in priority order once; per neuron, a sort of `band * n_tok + rank` groups tokens by band
+    in priority order, and the first `per_band` of each band's run are the candidates.
+
+    Returns (priority, window, pos, act), each `[d_mlp, bands, per_band]`.
+    """
+    n_tok, d_mlp = act.shape
+    order = torch.argsort(prio)
+    act, prio, window, pos = act[order], prio[order], window[order], pos[order]
+    live = max_act > 0  # [d_mlp]
+    scaled = act * bands / torch.where(live, max_act, torch.ones_like(max_act))  # [n_tok, d_mlp]
+    band = (torch.ceil(scaled) - 1).clamp(max=bands - 1).long()
+    band = band.masked_fill((act <= 0) | ~live, bands)  # `bands`: no band
+    key = (band * n_tok + torch.arange(n_tok)[:, None]).T.contiguous()  # [d_mlp, n_tok]
+    key, _ = key.sort(dim=1)
+    starts = torch.searchsorted(key, (torch.arange(bands) * n_tok).expand(d_mlp, bands).contiguous())  # [d_mlp, bands]
+    idx = starts[..., None] + torch.arange(per_band)  # [d_mlp, bands, per_band]
+    got = key.gather(1, idx.clamp(max=n_tok - 1).reshape(d_mlp, -1)).reshape(idx.shape)
+    valid = (idx < n_tok) & (got // n_tok == torch.arange(bands)[:, None])  # still inside this band's run
+    rank = got % n_tok  # token in priority order
+    neuron = torch.arange(d_mlp)[:, None, None].expand_as(rank)
+    return (prio[rank].masked_fill(~valid, _NONE), window[rank].masked_fill(~valid, -1),
+            pos[rank].masked_fill(~valid, 0), act[rank, neuron].masked_fill(~valid, float("nan")))
+
+
+def collect_band_samples(
+    model: Any,
+    windows: Int[Tensor, "n_windows window"],
+    max_act: Float[Tensor, "n_layers d_mlp"],
+    *,
+    bands: int = 10,
+    per_band: int = 8,
+    batch_size: int = 64,
+    window_offset: int = 0,
+    progress: bool = True,
+) -> BandSamples:
+    """Sample `per_band` tokens per (neuron, activation band) of every layer in one streaming pass.
+
+    Args:
+        model: a TransformerBridge (`models.load_model`).
+        windows: token windows `[n_windows, window]`.
+        max_act: `[n_layers, d_mlp]` each neuron's max activation (`top.max_act`); neurons with max <= 0
+            get no samples.
+        bands: equal-width bands of (0, max].
+        per_band: tokens kept per (neuron, band).
+        batch_size: windows per forward pass.
+        window_offset: id of the first window, to sample one shard of a larger corpus (`merge`).
+        progress: show a tqdm bar.
+
+    Returns:
+        `BandSamples`; `.table` is `layer, neuron, band, window, pos, act`.
+    """
+    from tqdm.auto import tqdm
+
+    windows = check_windows(model, windows)
+    bands = check_int_range("bands", bands, 1, 1000)
+    per_band = check_int_range("per_band", per_band, 1, 100_000)
+    batch_size = check_int_range("batch_size", batch_size, 1, 2**31 - 1)
+    window_offset = check_int_range("window_offset", window_offset, 0, 2**40)
+    n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
+    max_act = torch.as_tensor(max_act, dtype=torch.float32).cpu()
+    if tuple(max_act.shape) != (n_layers, d_mlp):
+        fail("max_act", f"have shape [n_layers, d_mlp] = [{n_layers}, {d_mlp}] (`top.max_act`)", tuple(max_act.shape))
+    n_windows, n_pos = windows.shape
+    if n_pos >= 1 << _POS_BITS:
+        fail("windows", f"be shorter than {1 << _POS_BITS} tokens", n_pos)
+    state = _empty((n_layers, d_mlp, bands, per_band))
+    names = [hook_name(layer, "post", model) for layer in range(n_layers)]
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for start in tqdm(range(0, n_windows, batch_size), desc="band samples", disable=not progress):
+            batch = windows[start : start + batch_size]  # [batch, window]
+            _, cache = model.run_with_cache(batch.to(device), names_filter=names, stop_at_layer=n_layers)
+            wid = torch.arange(start, start + len(batch)).repeat_interleave(n_pos) + window_offset  # [n_tok]
+            pos = torch.arange(n_pos).repeat(len(batch))  # [n_tok]
+            prio = priority(wid, pos)
+            cand = [_batch_candidates(cache[name].float().cpu().reshape(-1, d_mlp), prio, wid, pos, max_act[layer],
+                                      bands, per_band) for layer, name in enumerate(names)]
+            cand = tuple(torch.stack(parts) for parts in zip(*cand))  # [n_layers, d_mlp, bands, per_band] each
+            state = _keep_lowest(state, cand, per_band)
+    return BandSamples(*state, max_act=max_act,
+                       window_ranges=((window_offset, window_offset + n_windows),))
+
+
+def merge(a: BandSamples, b: BandSamples) -> BandSamples:
+    """Combine the samples of two disjoint shards of a corpus; identical to one pass over their union.
+
+    Both must use the same maxima, bands and per_band; collect each shard with `window_offset` set to its
+    first window's id in the whole corpus.
+
+    Raises:
+        ValueError: different maxima or settings, or overlapping window ids.
+    """
+    if a.window.shape != b.window.shape:
+        fail("shards", "have the same layers, neurons, bands and per_band",
+             f"shapes {tuple(a.window.shape)} and {tuple(b.window.shape)}")
+    if not torch.equal(a.max_act, b.max_act):
+        fail("shards", "be cut from the same maxima (`max_act`)", "different maxima",
+             "Pass the same `top.max_act` to every shard.")
+    for lo, hi in a.window_ranges:
+        for lo2, hi2 in b.window_ranges:
+            if lo < hi2 and lo2 < hi:
+                fail("shards", "cover disjoint window ids", f"overlap of [{lo}, {hi}) and [{lo2}, {hi2})",
+                     "Collect each shard with `window_offset` = its first window's id in the whole corpus.")
+    state = _keep_lowest((a.priority, a.window, a.pos, a.act), (b.priority, b.window, b.pos, b.act), a.per_band)
+    return BandSamples(*state, max_act=a.max_act, window_ranges=tuple(sorted(a.window_ranges + b.window_ranges)))
