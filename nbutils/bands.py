@@ -29,7 +29,7 @@ from torch import Tensor
 from nbutils._validation import check_int_range, fail
 from nbutils.models import check_windows, hook_name
 
-__all__ = ["BandSamples", "collect_band_samples", "merge", "priority"]
+__all__ = ["BandSamples", "collect_band_samples", "merge", "priority", "band_clusters", "BAND_CLUSTER_COLUMNS"]
 
 _NONE = torch.iinfo(torch.int64).max  # priority of an empty slot: above every real one
 _POS_BITS = 20  # a token's key is (window << _POS_BITS) | pos
@@ -224,3 +224,70 @@ def merge(a: BandSamples, b: BandSamples) -> BandSamples:
                      "Collect each shard with `window_offset` = its first window's id in the whole corpus.")
     state = _keep_lowest((a.priority, a.window, a.pos, a.act), (b.priority, b.window, b.pos, b.act), a.per_band)
     return BandSamples(*state, max_act=a.max_act, window_ranges=tuple(sorted(a.window_ranges + b.window_ranges)))
+
+
+BAND_CLUSTER_COLUMNS = ("layer", "neuron", "band", "n_examples", "n_clusters", "effective_clusters", "top_clusters",
+                        "fit")
+
+
+def band_clusters(
+    model: Any,
+    windows: Int[Tensor, "n_windows window"],
+    top: Any,
+    sample: BandSamples,
+    layer: int,
+    neurons: Any,
+    *,
+    method: str | None = None,
+    threshold: float | int | None = None,
+    min_size: int = 3,
+) -> pd.DataFrame:
+    """Do a neuron's top clusters persist, split or vanish below the top? Cluster each band's sample of each
+    neuron on its own, and match every band example to the nearest top cluster.
+
+    The top clusters are `clustering.neuron_clusters` of the neuron's top examples (clusters of at least
+    `min_size` examples); each is represented by the mean direction of its members' unit embeddings.
+
+    Args:
+        model, windows, top: as in `clustering.polysemy_table`; `sample` from `collect_band_samples`.
+        layer: MLP layer; neurons: live neurons of it.
+        method, threshold: as in `clustering.cluster`.
+        min_size: smallest top cluster that counts.
+
+    Returns:
+        DataFrame, one row per (neuron, band) with examples: `layer, neuron, band, n_examples, n_clusters,
+        effective_clusters` (of the band's own clusters), `top_clusters` (how many top clusters are the
+        nearest one of at least `min_size` band examples) and `fit` (mean cosine of the band examples to their
+        nearest top cluster over the same for the top examples themselves: 1 = as close as the top examples).
+    """
+    from nbutils import clustering, embeddings
+    from nbutils.models import check_layer, check_neuron
+
+    layer = check_layer(model, layer)
+    W = embeddings.mlp_in_weights(model, layer)[0].double().numpy()  # [d_model, d_mlp]
+    table = sample.table
+    rows = []
+    for neuron in [check_neuron(model, n) for n in np.atleast_1d(np.asarray(neurons))]:
+        nc = clustering.neuron_clusters(model, windows, top, layer, neuron, method=method, threshold=threshold)
+        band = table[(table.layer == layer) & (table.neuron == neuron)]
+        wid = np.concatenate([nc.window.to_numpy(), band.window.to_numpy()])
+        pos = np.concatenate([nc.pos.to_numpy(), band.pos.to_numpy()])
+        e = clustering._pre_mlp_vectors(model, windows, layer, wid, pos, fold_ln=True) * W[:, neuron]  # [n, d_model]
+        u = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        u_top, u_band = u[: len(nc)], u[len(nc) :]
+        sizes = np.bincount(nc.cluster.to_numpy())
+        big = np.flatnonzero(sizes >= min_size)
+        if big.size == 0:
+            continue
+        centres = np.stack([u_top[nc.cluster.to_numpy() == c].mean(axis=0) for c in big])  # [n_big, d_model]
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+        in_big = np.isin(nc.cluster.to_numpy(), big)
+        own = (u_top[in_big] @ centres.T).max(axis=1).mean()  # the top examples' closeness to their centre
+        for b, part in band.groupby("band").indices.items():
+            x = u_band[part]
+            labels = clustering.cluster(x, method=method, threshold=threshold)
+            cos = x @ centres.T  # [n_band, n_big]
+            nearest = np.bincount(cos.argmax(axis=1), minlength=len(big))
+            rows.append((layer, neuron, int(b), len(part), int(labels.max()) + 1, clustering.effective_n_clusters(labels),
+                         int((nearest >= min_size).sum()), float(cos.max(axis=1).mean() / own)))
+    return pd.DataFrame(rows, columns=list(BAND_CLUSTER_COLUMNS))

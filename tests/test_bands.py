@@ -86,3 +86,16 @@ def test_errors(model, windows, top, sample):
                                        window_offset=1000, progress=False)
     with pytest.raises(ValueError, match=r"`shards` must be cut from the same maxima"):
         bands.merge(sample, other)
+
+
+def test_band_clusters(model, windows, top, sample):
+    neurons = top.neurons
+    live = neurons[(neurons.layer == 1) & (neurons.n_examples >= 5)].neuron.to_numpy()[:2]
+    out = bands.band_clusters(model, windows, top, sample, 1, live)
+    assert list(out.columns) == list(bands.BAND_CLUSTER_COLUMNS) and set(out.neuron) <= set(live)
+    table = sample.table
+    counts = table[(table.layer == 1) & table.neuron.isin(live)].groupby(["neuron", "band"]).size()
+    assert out.set_index(["neuron", "band"]).n_examples.equals(counts.loc[out.set_index(["neuron", "band"]).index])
+    assert (out.n_clusters >= 1).all() and (out.n_clusters <= out.n_examples).all() and (out.fit <= 1.5).all()
+    top_band = out[out.band == BANDS - 1]
+    assert (top_band.fit > 0.7).all()  # the top band holds examples like the top clusters' own
