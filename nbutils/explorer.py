@@ -1,17 +1,20 @@
-"""The per-neuron explorer: one ipywidgets widget to read a neuron's feature clusters.
+"""The per-neuron explorer: one ipywidgets widget to read a neuron's feature clusters from a feature atlas.
 
 Controls: layer and neuron pickers, "random polysemantic neuron", "back" (history of visited neurons),
-clustering method and threshold (re-cluster live), activation / importance colouring. Views: a summary
-line, the UMAP map of the neuron's examples and one tab per cluster (clusters of two or more examples, then
-one tab for all singletons), each listing up to `max_examples` examples, central first, with
-`before` tokens of context before the activating token and `after` after it, and the similar features of
-that cluster as buttons that jump to their neuron.
+clustering method and threshold, activation / importance colouring. Views: a summary line with the neuron's label,
+the 2-D map of the neuron's examples and one tab per cluster (clusters of two or more examples, then one tab for
+all singletons), each listing up to `max_examples` examples, central first, with `before` tokens of context before
+the activating token and `after` after it, and the similar features of that cluster (in any layer) as buttons that
+jump to their neuron.
+
+Everything shown under the atlas's own clustering is read from the atlas (`nbutils.atlas`): examples, clusters,
+the map, context activations, similar features. No forward pass runs on a neuron change. The model is loaded only
+when it is needed, on first use: for token importance, and to re-cluster live with another method or threshold
+(which needs the examples' embeddings).
 
 Every callback is a module-level function taking the `Explorer` (`select_neuron`, `on_layer`, `on_neuron`,
-`on_random`, `on_back`, `on_similar`, `on_method`, `on_threshold`, `on_mode`, `on_tab`); the widgets'
-observers only call them, so tests drive the explorer without a browser. Slow steps are cached in the
-explorer: per neuron the examples' embeddings, activations, token strings and 2-D layout; per example the
-token importance; per layer the polysemy table and the similar-features index.
+`on_random`, `on_back`, `on_similar`, `on_method`, `on_threshold`, `on_mode`, `on_tab`); the widgets' observers only
+call them, so tests drive the explorer without a browser.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from nbutils import atlas as _atlas
 from nbutils import clustering, embeddings, viz
 from nbutils._validation import check_choice, check_int_range
-from nbutils.models import check_layer, check_neuron, check_windows, hook_name
+from nbutils.models import hook_name
 
 __all__ = [
     "MODES",
@@ -92,112 +96,99 @@ class ExplorerState:
     history: list[tuple[int, int]] = field(default_factory=list)
     tab: int = 0
     labels: Int[np.ndarray, "n_examples"] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    central: Int[np.ndarray, "n_clusters"] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    central: Int[np.ndarray, "n_examples_or_clusters"] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     message: str = ""
 
 
 @dataclass
 class NeuronData:
-    """Everything about one neuron that does not depend on the clustering setting (cached per neuron).
+    """One neuron as read from the atlas (cached per neuron), plus what live re-clustering adds.
 
     Attributes:
-        examples: the neuron's rows of `top.examples` (`window, pos, act`), highest first.
-        h: pre-MLP vectors `[n_examples, d_model]` at the activating tokens (`embeddings.pre_mlp_vectors`).
-        e: neuron embeddings `h ⊙ w` `[n_examples, d_model]`.
-        acts: the neuron's activation at every position of each example's window `[n_examples, window]`.
-        str_tokens: token strings of each example's window.
-        layout: 2-D layout of `e` (`viz.layout_2d`), None for a dead neuron.
+        row: the neuron's `neurons` row (dict).
+        examples: its `examples` rows, highest activation first.
+        contexts: `{(window, pos): (start, acts)}` of the examples the atlas shows.
+        layout: the stored 2-D map (`viz.Layout2D`), None for a dead neuron.
+        e, acts: neuron embeddings `[n, d_model]` and activations along each example's window `[n, window]`,
+            filled on first live re-clustering or importance (they need the model), else None.
     """
 
+    row: dict
     examples: pd.DataFrame
-    h: Float[np.ndarray, "n_examples d_model"]
-    e: Float[np.ndarray, "n_examples d_model"]
-    acts: Float[np.ndarray, "n_examples window"]
-    str_tokens: list[list[str]]
+    contexts: dict[tuple[int, int], tuple[int, np.ndarray]]
     layout: viz.Layout2D | None
+    e: Float[np.ndarray, "n_examples d_model"] | None = None
+    acts: Float[np.ndarray, "n_examples window"] | None = None
 
 
 class Explorer:
-    """Holds the model, data, caches, state and widgets; `widget` is what a notebook displays.
-
-    `neuron_explorer(...)` builds one and returns its `widget` (an `ipywidgets.VBox` whose `explorer`
-    attribute points back here). `figure()` and `report_html()` give static views of the current neuron.
+    """Holds the atlas, caches, state and widgets; `widget` is what a notebook displays.
 
     Args:
-        model: a TransformerBridge (`models.load_model`).
-        windows: the token windows `[n_windows, window]` that `top` was collected on.
-        top: `TopActivations` (`activations.collect_top_activations`).
-        layer: the first layer shown.
+        atlas: a finished `atlas.Atlas` (`atlas.build_atlas`, `atlas.load_or_build` or `Atlas.open`).
+        layer: the first layer shown (default the atlas's first layer).
         neuron: the first neuron shown; default the layer's neuron with the most examples.
-        method, threshold: the first clustering setting (`clustering.cluster`; None: the defaults).
-        max_examples: examples listed per tab.
-        before, after: tokens of context shown before and after the activating token.
-        seed: seeds UMAP and the random-neuron button.
-        polysemy: precomputed `clustering.polysemy_table` rows (any layers) for the random button.
-        similar_space: vectors compared for similar features, "embedding" (h ⊙ w) or "h" (`similar`).
+        method, threshold: the first clustering setting; default the atlas's own (read, not recomputed).
+        model: the atlas's model, if already loaded (checked against the atlas); else loaded on first need.
+        max_examples: examples listed per tab (at most the atlas's `shown`).
+        before, after: tokens of context shown (at most the atlas's stored `before` / `after`).
+        seed: seeds the random-neuron button.
 
     Raises:
-        ValueError: layer or neuron out of range, bad method, windows or sizes.
+        TypeError: `atlas` is not an Atlas. ValueError: layer, neuron, method or sizes out of range.
     """
 
     def __init__(
         self,
-        model: Any,
-        windows: Int[Tensor, "n_windows window"],
-        top: Any,
+        atlas: Any,
         *,
-        layer: int = 0,
+        layer: int | None = None,
         neuron: int | None = None,
         method: str | None = None,
         threshold: float | None = None,
+        model: Any = None,
         max_examples: int = 20,
         before: int = 20,
         after: int = 10,
         seed: int = 0,
-        polysemy: pd.DataFrame | None = None,
-        similar_space: str = "embedding",
     ) -> None:
         import ipywidgets as w
 
-        self.model = model
-        self.windows = check_windows(model, windows)
-        self.top = top
-        self.max_examples = check_int_range("max_examples", max_examples, 1, 1000)
-        self.before = check_int_range("before", before, 0, 10_000)
-        self.after = check_int_range("after", after, 0, 10_000)
+        if not isinstance(atlas, _atlas.Atlas):
+            raise TypeError(f"`atlas` must be an atlas.Atlas (`atlas.build_atlas`, `atlas.load_or_build` or "
+                            f"`atlas.Atlas.open`); got {type(atlas).__name__}.")
+        self.atlas = atlas
+        s = atlas.settings
+        self.max_examples = check_int_range("max_examples", max_examples, 1, s.shown, what="(the atlas's `shown`)")
+        self.before = check_int_range("before", before, 0, s.before, what="(the context the atlas stores)")
+        self.after = check_int_range("after", after, 0, s.after, what="(the context the atlas stores)")
         self.seed = seed
-        self.similar_space = check_choice("similar_space", similar_space, ("embedding", "h"))
         self.rng = np.random.default_rng(seed)
+        if model is not None:
+            atlas._model = atlas.check_model(model)
         self._neurons: dict[tuple[int, int], NeuronData] = {}
         self._importance: dict[tuple[int, int, int, int], np.ndarray] = {}
         self._polysemy: dict[int, pd.DataFrame] = {}
-        if polysemy is not None:  # tables already computed (e.g. by the notebook): the random button reuses them
-            for layer_id, rows in polysemy.groupby("layer"):
-                self._polysemy[int(layer_id)] = rows.reset_index(drop=True)
-        self._similar: dict[int, Any] = {}
-        self._str_tokens: dict[int, list[str]] = {}
         self._syncing = False
         self._groups: list[tuple[str, np.ndarray]] = []
-        layer = check_layer(model, layer)
-        method = check_choice("method", clustering.DEFAULT_METHOD if method is None else method, clustering.METHODS)
+        layer = atlas.layers[0] if layer is None else atlas._check_layer(layer)
+        method = check_choice("method", s.method if method is None else method, clustering.METHODS)
         low, high, step, default = threshold_range(method)
-        threshold = default if threshold is None else threshold
-        if neuron is None:
-            neuron = _busiest_neuron(top, layer)
-        self.state = ExplorerState(layer=layer, neuron=check_neuron(model, neuron), method=method,
-                                   threshold=float(threshold))
+        if threshold is None:
+            threshold = s.threshold if method == s.method else default
+        neuron = _busiest_neuron(atlas, layer) if neuron is None else atlas._check_neuron(neuron)
+        self.state = ExplorerState(layer=layer, neuron=neuron, method=method, threshold=float(threshold))
 
-        n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
-        self.layer_picker = w.Dropdown(options=list(range(n_layers)), value=layer, description="layer",
+        self.layer_picker = w.Dropdown(options=list(atlas.layers), value=layer, description="layer",
                                        layout=w.Layout(width="130px"), style={"description_width": "40px"})
-        self.neuron_picker = w.BoundedIntText(value=self.state.neuron, min=0, max=d_mlp - 1, description="neuron",
+        self.neuron_picker = w.BoundedIntText(value=neuron, min=0, max=atlas.d_mlp - 1, description="neuron",
                                               layout=w.Layout(width="160px"), style={"description_width": "50px"})
         self.random_button = w.Button(description="random polysemantic neuron", layout=w.Layout(width="220px"))
         self.back_button = w.Button(description="back", layout=w.Layout(width="70px"), disabled=True)
         self.method_picker = w.Dropdown(options=list(clustering.METHODS), value=method, description="method",
                                         layout=w.Layout(width="230px"), style={"description_width": "60px"})
-        self.threshold_slider = w.FloatSlider(value=float(threshold), min=low, max=high, step=step,
-                                              description="threshold", continuous_update=False,
+        self.threshold_slider = w.FloatSlider(value=float(threshold), min=min(low, threshold), max=max(high, threshold),
+                                              step=step, description="threshold", continuous_update=False,
                                               readout_format=".2f", layout=w.Layout(width="320px"))
         self.mode_toggle = w.ToggleButtons(options=list(MODES), value="activation", description="colour by",
                                            style={"button_width": "90px"})
@@ -246,16 +237,27 @@ class Explorer:
         finally:
             self._syncing = previous
 
+    @property
+    def live(self) -> bool:
+        """True when the clustering setting differs from the atlas's (clusters are computed, with the model)."""
+        s = self.atlas.settings
+        return (self.state.method, float(self.state.threshold)) != (s.method, float(s.threshold))
+
+    @property
+    def model(self) -> Any:
+        """The atlas's model, loaded on first use."""
+        return self.atlas.load_model()
+
     # ------------------------------------------------------------------------------- static views
 
     def figure(self) -> Any:
-        """The current neuron's map (`viz.umap_plot`) as a matplotlib Figure; None for a dead neuron."""
+        """The current neuron's map (`viz.umap_plot` on the stored layout) as a Figure; None for a dead neuron."""
         s = self.state
         data = self.neuron_data(s.layer, s.neuron)
         if s.message or data.layout is None:
             return None
-        title = f"Layer {s.layer}, neuron {s.neuron}: {len(data.e)} examples by cluster"
-        return viz.umap_plot(data.e, s.labels, central=s.central, layout=data.layout, title=title,
+        title = f"Layer {s.layer}, neuron {s.neuron}: {len(data.examples)} examples by cluster"
+        return viz.umap_plot(data.layout.coords, s.labels, central=s.central, layout=data.layout, title=title,
                              figsize=(5.6, 4.4))
 
     def report_html(self, *, mode: str = "activation") -> str:
@@ -270,94 +272,77 @@ class Explorer:
     # ---------------------------------------------------------------------------------------- caches
 
     def neuron_data(self, layer: int, neuron: int) -> NeuronData:
-        """The neuron's examples, embeddings, activations, token strings and layout (computed once)."""
+        """The neuron's row, examples, stored contexts and map, read from the atlas (once per neuron)."""
         key = (layer, neuron)
         if key not in self._neurons:
-            examples = self.top.neuron_examples(layer, neuron)[["window", "pos", "act"]].reset_index(drop=True)
-            wid = np.array(examples["window"], dtype=np.int64)  # writable copies for torch
-            pos = np.array(examples["pos"], dtype=np.int64)
-            width = self.windows.shape[1]
-            if len(examples) == 0:
-                h = e = np.zeros((0, self.model.cfg.d_model))
-                acts = np.zeros((0, width))
-                layout = None
-            else:
-                h_t, acts = _neuron_pass(self.model, self.windows[torch.as_tensor(wid)], layer, neuron, pos)
-                W, _ = embeddings.mlp_in_weights(self.model, layer)
-                h, e = h_t.numpy(), embeddings.embed(h_t, W, neuron).numpy()  # [n, d_model] each
-                layout = viz.layout_2d(e, seed=self.seed)
-            str_tokens = [self.tokens_of(int(i)) for i in wid]
-            self._neurons[key] = NeuronData(examples, h.astype(np.float64), e.astype(np.float64), acts, str_tokens,
-                                            layout)
+            row = self.atlas.neuron(layer, neuron)
+            examples = self.atlas.neuron_examples(layer, neuron)
+            contexts = {(int(r.window), int(r.pos)): (int(r.start), np.asarray(r.acts, dtype=np.float64))
+                        for r in self.atlas.neuron_contexts(layer, neuron).itertuples()}
+            layout = None
+            if len(examples):
+                coords = examples[["x", "y"]].to_numpy(np.float64)
+                layout = viz.Layout2D(coords, "pca", "PCA of the unit neuron embeddings (stored in the atlas)")
+            self._neurons[key] = NeuronData(row, examples, contexts, layout)
         return self._neurons[key]
 
-    def tokens_of(self, window: int) -> list[str]:
-        """Token strings of one window (cached)."""
-        if window not in self._str_tokens:
-            self._str_tokens[window] = list(self.model.to_str_tokens(self.windows[window]))
-        return self._str_tokens[window]
+    def live_data(self, layer: int, neuron: int) -> NeuronData:
+        """`neuron_data` with the embeddings and window activations filled by one forward pass (needs the model)."""
+        data = self.neuron_data(layer, neuron)
+        if data.e is None and len(data.examples):
+            windows = self.atlas.windows
+            wid = data.examples["window"].to_numpy(np.int64).copy()
+            pos = data.examples["pos"].to_numpy(np.int64).copy()
+            h, acts = _neuron_pass(self.model, windows[torch.as_tensor(wid)], layer, neuron, pos,
+                                   fold_ln=self.atlas.settings.fold_ln, batch_size=self.atlas.settings.batch_size)
+            W, _ = embeddings.mlp_in_weights(self.model, layer, fold_ln=self.atlas.settings.fold_ln)
+            data.e = embeddings.embed(h, W, neuron).numpy().astype(np.float64)  # [n, d_model]
+            data.acts = acts
+        return data
 
     def importance_of(self, layer: int, neuron: int, window: int, pos: int) -> Float[np.ndarray, "pos_plus_1"]:
-        """Token importance `[pos + 1]` of one example (`importance.token_importance`, cached)."""
+        """Token importance `[pos + 1]` of one example (`importance.token_importance`, cached; needs the model)."""
         key = (layer, neuron, window, pos)
         if key not in self._importance:
             from nbutils import importance
 
             self._importance[key] = np.asarray(
-                importance.token_importance(self.model, self.windows[window], pos, layer, neuron), dtype=np.float64)
+                importance.token_importance(self.model, self.atlas.windows[window], pos, layer, neuron), dtype=np.float64)
         return self._importance[key]
 
     def polysemy(self, layer: int) -> pd.DataFrame:
-        """The polysemy table of a layer (`clustering.polysemy_table`, cached)."""
+        """The `neurons` rows of a layer (read from the atlas, cached)."""
         if layer not in self._polysemy:
-            self._polysemy[layer] = clustering.polysemy_table(self.model, self.windows, self.top, layer)
+            self._polysemy[layer] = self.atlas.table("neurons", layer)
         return self._polysemy[layer]
 
     def similar_to(self, layer: int, neuron: int, row: int, k: int = N_SIMILAR) -> pd.DataFrame:
-        """Features of other neurons of `layer` nearest to example `row` of `neuron` (a cluster's centre).
-
-        Features are `similar.layer_features` of the layer (clusters of at least 3 examples under the
-        default clustering, computed once per layer), compared by cosine similarity of their central
-        example's vector in `similar_space` ("embedding": h ⊙ w, or "h") with the example's vector in
-        the same space. Returns `layer, neuron, cluster, size, similarity`, most similar first, one row per
-        neuron (its most similar feature).
-        """
-        from nbutils import similar
-
-        if layer not in self._similar:
-            self._similar[layer] = similar.layer_features(self.model, self.windows, self.top, layer)
-        features = self._similar[layer]
+        """Features of other neurons (any layer) most similar to the atlas feature that holds example `row` of
+        `neuron` (a cluster's centre): `layer, neuron, cluster, size, similarity`, one row per neuron."""
         data = self.neuron_data(layer, neuron)
-        query = (data.e if self.similar_space == "embedding" else data.h)[row]  # [d_model]
-        table = features.table[["layer", "neuron", "cluster", "size"]]
-        vectors = features.vectors[self.similar_space]  # [n_features, d_model]
-        norms = np.linalg.norm(vectors, axis=1) * max(float(np.linalg.norm(query)), 1e-12)
-        sims = vectors @ query / np.where(norms > 0, norms, 1.0)  # [n_features]
-        other = np.flatnonzero(table["neuron"].to_numpy() != neuron)
-        order = other[np.argsort(-sims[other], kind="stable")]
-        ranked = table.iloc[order].assign(similarity=sims[order])
-        return ranked.drop_duplicates("neuron").head(k).reset_index(drop=True)  # a button per neuron
+        cluster = int(data.examples["cluster"].iat[row])  # the atlas's cluster of that example
+        table = self.atlas.similar_to(layer, neuron, cluster)
+        table = table.rename(columns={"layer": "from_layer", "neuron": "from_neuron", "cluster": "from_cluster"})
+        table = table.rename(columns={"other_layer": "layer", "other_neuron": "neuron", "other_cluster": "cluster",
+                                      "other_size": "size"})
+        return table.drop_duplicates(["layer", "neuron"]).head(k)[["layer", "neuron", "cluster", "size", "similarity"]]
 
 
-def _busiest_neuron(top: Any, layer: int) -> int:
+def _busiest_neuron(atlas: Any, layer: int) -> int:
     """The neuron of `layer` with the most examples (the first if several)."""
-    table = top.neurons
-    rows = table[table["layer"] == layer]
+    rows = atlas.table("neurons", layer)
     return int(rows.sort_values(["n_examples", "neuron"], ascending=[False, True]).iloc[0]["neuron"])
 
 
 @torch.inference_mode()
 def _neuron_pass(
-    model: Any, windows: Int[Tensor, "n window"], layer: int, neuron: int, pos: Int[np.ndarray, "n"],
-    batch_size: int = 64,
+    model: Any, windows: Int[Tensor, "n window"], layer: int, neuron: int, pos: Int[np.ndarray, "n"], *,
+    fold_ln: bool = True, batch_size: int = 64,
 ) -> tuple[Float[Tensor, "n d_model"], Float[np.ndarray, "n window"]]:
-    """One forward pass over a neuron's example windows `[n, window]` (each example its own window).
-
-    Returns h at each example's activating position `[n, d_model]` (the folded-LayerNorm h of
-    `embeddings.pre_mlp_vectors`, which `embeddings.embed` turns into neuron embeddings) and the neuron's
-    activation at every position `[n, window]`. One pass instead of two keeps a neuron change fast.
-    """
-    names = [hook_name(layer, "ln_normalized"), hook_name(layer, "post")]
+    """One forward pass over a neuron's example windows `[n, window]` (each example its own window): h at each
+    example's activating position `[n, d_model]` (as `embeddings.pre_mlp_vectors` reads it) and the neuron's
+    activation at every position `[n, window]`."""
+    names = [hook_name(layer, "ln_normalized" if fold_ln else "mlp_in"), hook_name(layer, "post")]
     h_parts, act_parts = [], []
     for start in range(0, len(windows), batch_size):
         _, cache = model.run_with_cache(windows[start : start + batch_size], names_filter=names,
@@ -372,12 +357,12 @@ def _neuron_pass(
 
 
 def select_neuron(ex: Explorer, layer: int, neuron: int, *, record: bool = True) -> None:
-    """Show neuron `neuron` of layer `layer`: compute (cached), cluster, render; push it on the history.
+    """Show neuron `neuron` of layer `layer`: read (cached), cluster if live, render; push it on the history.
 
     Raises:
-        ValueError: layer or neuron out of range for the model.
+        ValueError: layer or neuron out of range for the atlas.
     """
-    layer, neuron = check_layer(ex.model, layer), check_neuron(ex.model, neuron)
+    layer, neuron = ex.atlas._check_layer(layer), ex.atlas._check_neuron(neuron)
     ex.state.layer, ex.state.neuron, ex.state.tab = layer, neuron, 0
     if record and (not ex.state.history or ex.state.history[-1] != (layer, neuron)):
         ex.state.history.append((layer, neuron))
@@ -423,14 +408,17 @@ def on_back(ex: Explorer) -> None:
 
 
 def on_similar(ex: Explorer, layer: int, neuron: int) -> None:
-    """A similar-feature button: jump to that neuron."""
+    """A similar-feature button: jump to that neuron (in its own layer)."""
     select_neuron(ex, layer, neuron)
 
 
 def on_method(ex: Explorer, method: str) -> None:
-    """Clustering method: set the slider to the method's range and default, re-cluster."""
+    """Clustering method: set the slider to the method's range and default (the atlas's for its method),
+    re-cluster."""
     method = check_choice("method", method, clustering.METHODS)
     low, high, step, default = threshold_range(method)
+    if method == ex.atlas.settings.method:
+        default = float(ex.atlas.settings.threshold)
     ex.state.method, ex.state.threshold = method, default
     with ex.syncing():
         ex.method_picker.value = method
@@ -472,19 +460,26 @@ def on_tab(ex: Explorer, index: int | None) -> None:
 
 
 def _recluster(ex: Explorer) -> None:
-    data = ex.neuron_data(ex.state.layer, ex.state.neuron)
+    s = ex.state
+    data = ex.neuron_data(s.layer, s.neuron)
     n = len(data.examples)
     if n == 0:
-        ex.state.labels, ex.state.central = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        ex.state.message = (f"Neuron {ex.state.neuron} of layer {ex.state.layer} is dead: its highest activation "
-                            "over the corpus is at most 0, so it has no examples to cluster.")
+        s.labels, s.central = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        s.message = (f"Neuron {s.neuron} of layer {s.layer} is dead: its highest activation over the corpus is at "
+                     "most 0, so it has no examples to cluster.")
         return
-    threshold: float | int = ex.state.threshold
-    if ex.state.method == "hdbscan":
+    s.message = ""
+    if not ex.live:
+        s.labels = data.examples["cluster"].to_numpy(np.int64)
+        centres = np.flatnonzero(data.examples["is_central"].to_numpy())
+        s.central = centres[np.argsort(s.labels[centres], kind="stable")]
+        return
+    data = ex.live_data(s.layer, s.neuron)
+    threshold: float | int = s.threshold
+    if s.method == "hdbscan":
         threshold = int(round(min(threshold, max(2, n))))
-    ex.state.labels = clustering.cluster(data.e, method=ex.state.method, threshold=threshold)
-    ex.state.central = clustering.central_example(data.e, ex.state.labels)
-    ex.state.message = ""
+    s.labels = clustering.cluster(data.e, method=s.method, threshold=threshold)
+    s.central = clustering.central_example(data.e, s.labels)
 
 
 def _tab_groups(labels: np.ndarray) -> list[tuple[str, np.ndarray]]:
@@ -504,6 +499,18 @@ def _tab_rows(ex: Explorer, clusters: np.ndarray) -> np.ndarray:
     first = set(centres)
     rest = [int(i) for i in np.flatnonzero(np.isin(labels, clusters)) if i not in first]
     return np.array(centres + rest, dtype=np.int64)[: ex.max_examples]
+
+
+def _context(ex: Explorer, data: NeuronData, i: int) -> tuple[int, np.ndarray]:
+    """(start, activations) of example `i` around its activating token: stored in the atlas, else (live
+    clustering listing another example) from the forward pass."""
+    window, pos = int(data.examples["window"].iat[i]), int(data.examples["pos"].iat[i])
+    found = data.contexts.get((window, pos))
+    if found is None:
+        data = ex.live_data(ex.state.layer, ex.state.neuron)
+        start = max(0, pos - ex.atlas.settings.before)
+        found = (start, data.acts[i, start : pos + ex.atlas.settings.after + 1])
+    return found
 
 
 # -------------------------------------------------------------------------------------------- render
@@ -531,13 +538,14 @@ def _render_summary(ex: Explorer) -> None:
         data = ex.neuron_data(s.layer, s.neuron)
         sizes = np.bincount(s.labels)
         n_single = int((sizes == 1).sum())
-        mono = clustering.monosemanticity(data.e)
+        mono = clustering.monosemanticity(data.e) if ex.live else float(data.row["monosemanticity"])
         eff = clustering.effective_n_clusters(s.labels)
-        note = f" · map: {data.layout.note}" if data.layout is not None and data.layout.note else ""
+        label = html.escape(str(data.row.get("label", "")))
         ex.summary.value = (
-            f"{head} · {len(data.e)} examples · {len(sizes)} clusters ({n_single} singletons) · "
+            f"{head} · {len(data.examples)} examples · {len(sizes)} clusters ({n_single} singletons) · "
             f"effective clusters {eff:.2f} · monosemanticity {'n/a' if np.isnan(mono) else f'{mono:.2f}'} · "
-            f"{html.escape(s.method)} at {s.threshold:g}{html.escape(note)}"
+            f"{html.escape(s.method)} at {s.threshold:g}{' (live)' if ex.live else ''}"
+            f'<br><span style="color:#555;font-size:90%">top tokens: {label}</span>'
         )
     trail = " → ".join(f"L{l}/N{n}" for l, n in s.history[-8:])
     ex.history_line.value = f'<span style="color:#555;font-size:90%">history: {trail}</span>'
@@ -582,20 +590,22 @@ def examples_html(ex: Explorer, title: str, clusters: np.ndarray, *, mode: str =
     data = ex.neuron_data(s.layer, s.neuron)
     rows = _tab_rows(ex, clusters)
     central = set(s.central.tolist())
-    top_act = float(data.acts.max()) if data.acts.size else 1.0
+    top_act = float(data.row["max_act"]) if float(data.row["max_act"]) > 0 else 1.0
     parts = []
     for i in rows:
-        window, pos = int(data.examples.at[i, "window"]), int(data.examples.at[i, "pos"])
-        start, stop = max(0, pos - ex.before), min(len(data.str_tokens[i]), pos + ex.after + 1)
+        window, pos = int(data.examples["window"].iat[i]), int(data.examples["pos"].iat[i])
+        first, acts = _context(ex, data, int(i))
+        start, stop = max(first, pos - ex.before), min(first + len(acts), pos + ex.after + 1)
+        tokens = ex.atlas.str_tokens(window)[start:stop]
         if mode == "importance":
             values = np.zeros(stop - start)
             values[: pos + 1 - start] = ex.importance_of(s.layer, s.neuron, window, pos)[start : pos + 1]
         else:
-            values = data.acts[i, start:stop]
+            values = acts[start - first : stop - first]
         star = "★ central · " if i in central else ""
         head = (f'<div style="font-size:85%;color:#555">{star}cluster {s.labels[i]} · '
-                f'act {float(data.examples.at[i, "act"]):.2f} · window {window}, token {pos}</div>')
-        parts.append(head + viz.tokens_html(data.str_tokens[i][start:stop], values, kind=mode,
+                f'act {float(data.examples["act"].iat[i]):.2f} · window {window}, token {pos}</div>')
+        parts.append(head + viz.tokens_html(tokens, values, kind=mode,
                                             max_value=None if mode == "importance" else top_act,
                                             highlight=pos - start))
     shown = f"{len(rows)} of {int(np.isin(s.labels, clusters).sum())} examples"
@@ -613,8 +623,8 @@ def _similar_buttons(ex: Explorer, clusters: np.ndarray) -> list:
     buttons = []
     for row in table.itertuples():
         button = w.Button(description=f"L{row.layer}/N{row.neuron} ({row.similarity:.2f})",
-                          tooltip=f"cluster {row.cluster} ({row.size} examples) of neuron {row.neuron}, "
-                                  f"cosine {row.similarity:.2f}",
+                          tooltip=f"cluster {row.cluster} ({row.size} examples) of neuron {row.neuron} of layer "
+                                  f"{row.layer}, cosine {row.similarity:.2f}",
                           layout=w.Layout(width="auto"))
         button.add_class("ne-similar")
         button.on_click(lambda _, l=int(row.layer), n=int(row.neuron): on_similar(ex, l, n))
@@ -622,18 +632,27 @@ def _similar_buttons(ex: Explorer, clusters: np.ndarray) -> list:
     return buttons
 
 
-def neuron_explorer(model: Any, windows: Int[Tensor, "n_windows window"], top: Any, **kwargs: Any) -> Any:
+def neuron_explorer(atlas: Any, windows: Any = None, top: Any = None, **kwargs: Any) -> Any:
     """The per-neuron explorer as one ipywidgets widget (`Explorer.widget`; `.explorer` gives the state).
 
     Args:
-        model: a TransformerBridge (`models.load_model`).
-        windows: the token windows `[n_windows, window]` the collection ran on.
-        top: `activations.collect_top_activations(model, windows)`.
-        **kwargs: `layer`, `neuron` (default: the layer's neuron with most examples), `method`, `threshold`,
-            `max_examples` (20), `before` (20), `after` (10), `seed` (0), `polysemy` (precomputed
-            `clustering.polysemy_table` rows for the random button); see `Explorer`.
+        atlas: a finished `atlas.Atlas`. For a quick look without a prebuilt atlas, pass a model, its windows
+            and `activations.collect_top_activations(model, windows)` instead: the atlas is built first (in the
+            cache, keyed by content) from exactly those, after checking that they belong together.
+        **kwargs: `layer`, `neuron`, `method`, `threshold`, `max_examples`, `before`, `after`, `seed`; see
+            `Explorer`.
 
     Returns:
         `ipywidgets.VBox`.
     """
-    return Explorer(model, windows, top, **kwargs).widget
+    if not isinstance(atlas, _atlas.Atlas) and hasattr(atlas, "cfg") and (windows is not None or top is not None):
+        model = atlas
+        if windows is None or top is None:
+            raise TypeError("Pass `windows` and `top` with a model (or pass an atlas.Atlas alone).")
+        if not hasattr(top, "window_ranges"):
+            raise TypeError(f"`top` must be an activations.TopActivations; got {type(top).__name__}.")
+        atlas = _atlas.build_atlas(model, windows, k=top.k, frac=top.frac, top=top, progress=False)
+        kwargs.setdefault("model", model)
+    elif windows is not None or top is not None:
+        raise TypeError("`windows` and `top` go with a model; with an atlas.Atlas pass it alone.")
+    return Explorer(atlas, **kwargs).widget

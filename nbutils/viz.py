@@ -1,7 +1,7 @@
 """Static views of one neuron: a 2-D map of its example embeddings and tokens coloured by a value.
 
 One thin function per visual, returning a matplotlib `Figure` or an HTML object; the caller displays it.
-The interactive per-neuron explorer lives in `nbutils.explorer` (re-exported here as `neuron_explorer`).
+The interactive per-neuron explorer lives in `nbutils.explorer`, which uses these views (nothing here imports it).
 
 - `layout_2d` / `umap_plot`: UMAP (umap-learn) of a neuron's example embeddings under the cosine metric,
   seeded. The exact cosine nearest neighbours are computed here with numpy and handed to UMAP
@@ -37,7 +37,6 @@ __all__ = [
     "polysemy_plot",
     "tokens_html",
     "tokens",
-    "neuron_explorer",
 ]
 
 UMAP_MIN_POINTS = 10  # fewer examples than this: PCA instead of UMAP (the plot says so)
@@ -352,10 +351,3 @@ def tokens(
         positive_color="#%02x%02x%02x" % COLOURS[kind],
     )
     return HTML(rendered.local_src)  # offline bundle: never the CDN
-
-
-def neuron_explorer(model: Any, windows: Any, top: Any, **kwargs: Any) -> Any:
-    """The interactive per-neuron explorer widget (see `nbutils.explorer.neuron_explorer`)."""
-    from nbutils.explorer import neuron_explorer as build
-
-    return build(model, windows, top, **kwargs)
