@@ -419,6 +419,10 @@ def collect_top_activations(
     Raises:
         ValueError: bad `k`, `frac`, `batch_size` or windows (empty, not 2-D, ids outside the vocabulary).
         nbutils.cache.CacheError: a cache file that cannot be read (the message names it and how to clear it).
+
+    Interrupted (Ctrl-C, a killed process), with `use_cache=True` the last checkpoint survives (written every
+    `checkpoint_every` batches); calling again with the same model, windows and settings resumes from it and
+    returns the same result as one uninterrupted pass. With `use_cache=False` nothing survives.
     """
     settings = CollectSettings(k=k, frac=frac, batch_size=batch_size)
     windows = check_windows(model, windows)

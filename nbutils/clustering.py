@@ -496,6 +496,9 @@ def polysemy_table(
         effective_clusters` (`effective_n_clusters`), `monosemanticity` (mean pairwise cosine; NaN with
         fewer than 2 examples), `largest_cluster` (size of cluster 0) and `dead` (no examples: counts 0,
         effective_clusters 0.0, monosemanticity NaN).
+
+    Computed in memory: an interrupted call keeps nothing and a new call starts again. The feature atlas
+    (`nbutils.atlas`) stores the tables of finished layers and resumes where it stopped.
     """
     from threadpoolctl import threadpool_limits
     from tqdm.auto import tqdm

@@ -238,7 +238,7 @@ def train_mlp(
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(mlp.parameters(), lr=lr)
     with single_thread():
-        for _ in tqdm(range(epochs), desc="MLP", disable=not progress, leave=False):
+        for _ in tqdm(range(epochs), desc="MLP", disable=not progress):
             order = torch.randperm(X.shape[0], generator=gen)
             for start in range(0, X.shape[0], batch_size):
                 idx = order[start : start + batch_size]
@@ -573,7 +573,7 @@ def unit_table(
     y = _check_labels("y", y, X.shape[0])
     acts = unit_activations(mlp, X, sae=sae)  # [n, n_units]
     rows = []
-    for unit in tqdm(range(acts.shape[1]), desc="units", disable=not progress, leave=False):
+    for unit in tqdm(range(acts.shape[1]), desc="units", disable=not progress):
         top = _top_examples(acts[:, unit], top_k)
         if len(top) < 2:
             continue

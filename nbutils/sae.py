@@ -321,7 +321,7 @@ def train_sae_on(
 
 def _train_loop(sae, x, config, opt, gen, history, progress) -> None:
     normalize = config.mono_form not in MASS_FORMS
-    for step in tqdm(range(config.steps), desc="SAE", disable=not progress, leave=False):
+    for step in tqdm(range(config.steps), desc="SAE", disable=not progress):
         batch = x[torch.randint(0, x.shape[0], (config.batch_size,), generator=gen)]  # [batch, d_in]
         pre = sae.pre(batch)  # [batch, n_latents]
         f = F.relu(pre)

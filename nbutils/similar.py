@@ -71,7 +71,8 @@ def layer_features(
 ) -> LayerFeatures:
     """Cluster every live neuron of `layer` (one batched pass for h, as `clustering.polysemy_table`) and
     keep the clusters of at least `min_size` examples as features. `examples`: this layer's
-    `clustering.layer_examples(...)`, if already read."""
+    `clustering.layer_examples(...)`, if already read. Computed in memory: an interrupted call keeps nothing
+    (call again; the feature atlas, `nbutils.atlas`, stores finished layers)."""
     from threadpoolctl import threadpool_limits
 
     min_size = check_int_range("min_size", min_size, 1, 10**9)
@@ -195,6 +196,8 @@ def similar_features(
         DataFrame, one row per (space, feature, rank): `space, layer, neuron, cluster, size, rank,
         other_neuron, other_cluster, other_size, similarity, shared_examples, cross_act` (module docstring).
         Empty, with `attrs["reason"]`, when the layer has fewer than two neurons with features.
+
+    Computed in memory: an interrupted call keeps nothing and a new call starts again.
     """
     for space in spaces:
         check_choice("spaces", space, SPACES)
