@@ -237,14 +237,12 @@ def _layer_pass(model: Any, windows: Tensor, top: Any, layer: int, settings: Atl
     h = np.zeros((len(keys), d_model))  # [n_unique, d_model]
     offsets = np.arange(-settings.before, settings.after + 1)  # [width]
     context = np.full((len(ex), len(offsets)), np.nan, dtype=np.float32)  # [n_examples, width]
-    names = [hook_name(layer, "ln_normalized" if settings.fold_ln else "mlp_in"), hook_name(layer, "post")]
-    device = next(model.parameters()).device
+    kinds = ("ln_normalized" if settings.fold_ln else "mlp_in", "post")
     runs = np.unique(wid)
     for lo in range(0, len(runs), settings.batch_size):
         chunk = runs[lo : lo + settings.batch_size]
-        _, cache_ = model.run_with_cache(windows[torch.as_tensor(chunk)].to(device), names_filter=names,
-                                         stop_at_layer=layer + 1)
-        H, P = cache_[names[0]].float().cpu(), cache_[names[1]].float().cpu()  # [chunk, n_pos, d_model / d_mlp]
+        read = embeddings.mlp_hooks(model, windows[torch.as_tensor(chunk)], layer, kinds)  # this family's hooks
+        H, P = read[kinds[0]].float().cpu(), read["post"].float().cpu()  # [chunk, n_pos, d_model / d_mlp]
         in_chunk = np.flatnonzero(np.isin(keys // n_pos, chunk))
         local = np.searchsorted(chunk, keys[in_chunk] // n_pos)
         h[in_chunk] = H[torch.as_tensor(local), torch.as_tensor(keys[in_chunk] % n_pos)].double().numpy()
@@ -522,8 +520,17 @@ def _versions() -> dict[str, str]:
 
 
 def _model_name(model: Any) -> str:
+    """What `models.load_model` takes to load this model again: its hub name or folder (the offline default by
+    its name, so that an atlas stays usable when the project folder moves)."""
+    from nbutils import models
+
     inner = getattr(model, "original_model", None)
     path = getattr(getattr(inner, "config", None), "_name_or_path", "") or getattr(model.cfg, "model_name", "")
+    try:
+        if str(path) and Path(path).resolve() == _env.DEFAULT_MODEL_DIR.resolve():
+            return models.DEFAULT_MODEL_NAME
+    except OSError:
+        pass
     return str(path)
 
 
@@ -801,32 +808,35 @@ def _read_top(folder: _Folder) -> activations.TopActivations:
                                       model_id=m["model"]["fingerprint"], corpus_id=m["corpus"]["fingerprint"])
 
 
-def load_or_build(*, model: str | None = None, source: str | None = None, n_windows: int, window: int = 64,
+def load_or_build(*, model: Any = None, source: str | None = None, n_windows: int, window: int = 64,
                   k: int = 128, frac: float = 0.75, cache_dir: str | os.PathLike | None = None,
                   progress: bool = True, **options: Any) -> "Atlas":
     """The atlas of a model and corpus in its readable default folder (`default_path`): opened at once when it is
-    complete, else built (or resumed) there, loading the model and the windows only then.
+    complete, else built (or resumed) there. `atlas.loaded_from_cache` says which.
 
     Args:
-        model: model name or folder (`models.load_model`; `None`: `$NBUTILS_MODEL` or the offline default).
+        model: a loaded model, or a model name or folder (`models.load_model`; `None`: `$NBUTILS_MODEL` or the
+            offline default). A name is loaded only when the atlas must be built.
         source: corpus source (`data.corpus_windows`); n_windows, window: the corpus windows.
         k, frac, **options: as in `build_atlas`.
     """
     from nbutils import data, models
 
-    name = _env.switch(model, "NBUTILS_MODEL", models.DEFAULT_MODEL_NAME)
+    loaded = model if hasattr(model, "cfg") else None
+    name = _model_name(loaded) if loaded is not None else _env.switch(model, "NBUTILS_MODEL", models.DEFAULT_MODEL_NAME)
     src = data._source(source)
     path = default_path(model_name=str(name), source=src, n_windows=n_windows, window=window, k=k,
                         cache_dir=cache_dir)
     manifest = _read_manifest(path)
     if manifest is not None and manifest.get("status") == "complete":
-        settings = manifest["settings"]
-        if (settings["k"], settings["frac"]) == (k, frac) and all(settings.get(o) == v for o, v in options.items()
-                                                                  if o in settings):
+        wanted = asdict(AtlasSettings(k=k, frac=frac, **options))
+        if manifest["settings"] == json.loads(json.dumps(wanted)):
             atlas = Atlas.open(path)
+            if loaded is not None:
+                atlas._model = atlas.check_model(loaded)
             atlas.loaded_from_cache = True
             return atlas
-    lm = models.load_model(name)
+    lm = loaded if loaded is not None else models.load_model(name)
     windows = data.corpus_windows(lm, n_windows=n_windows, window=window, source=src)
     atlas = build_atlas(lm, windows, k=k, frac=frac, out=path, cache_dir=cache_dir, source=src, progress=progress,
                         **options)
@@ -1066,9 +1076,7 @@ class Atlas:
         if self._model is None:
             from nbutils import models
 
-            name = self.manifest["model"]["name"]
-            default = str(_env.DEFAULT_MODEL_DIR)
-            self._model = self.check_model(models.load_model(None if name == default else name))
+            self._model = self.check_model(models.load_model(self.manifest["model"]["name"]))
         return self._model
 
     def info(self) -> str:
