@@ -526,18 +526,17 @@ def polysemy_table(
     return pd.DataFrame(rows, columns=list(POLYSEMY_COLUMNS))
 
 
-def mlp_activation(model: Any, pre: np.ndarray) -> np.ndarray:
-    """The model's MLP activation function applied to pre-activations (gelu variants, relu, silu)."""
+def mlp_activation(model: Any, pre: np.ndarray, up: np.ndarray | None = None) -> np.ndarray:
+    """Neuron activations from pre-activations, as the down projection reads them: `act(pre)` for a plain MLP;
+    for a gated MLP `pre` is the gate g and `up` the up projection u (`embeddings.pre_activations(...,
+    kind="up")`), giving `act(g) * u`. From pre-MLP vectors, `embeddings.neuron_outputs` does both in one step."""
     import torch
 
-    name = model.cfg.act_fn
-    x = torch.as_tensor(np.asarray(pre, dtype=np.float64))
-    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        return torch.nn.functional.gelu(x, approximate="tanh").numpy()
-    if name == "gelu":
-        return torch.nn.functional.gelu(x).numpy()
-    if name == "relu":
-        return torch.relu(x).numpy()
-    if name in ("silu", "swish"):
-        return torch.nn.functional.silu(x).numpy()
-    fail("model", "use a gelu, relu or silu MLP activation", repr(name))
+    from nbutils import embeddings
+    from nbutils.models import is_gated
+
+    if is_gated(model) and up is None:
+        fail("up", "be given for a gated MLP (the neuron's activation is act(gate) * up)", "None",
+             "Read it with `embeddings.pre_activations(..., kind='up')`, or use `embeddings.neuron_outputs`.")
+    out = embeddings.activation_fn(model)(torch.as_tensor(np.asarray(pre, dtype=np.float64))).numpy()
+    return out * np.asarray(up, dtype=np.float64) if is_gated(model) else out

@@ -64,6 +64,7 @@ __all__ = [
     "pre_activations",
     "neuron_embeddings",
     "embed",
+    "mlp_hooks",
     "activation_fn",
     "neuron_outputs",
 ]
@@ -144,6 +145,20 @@ def _as_index(name: str, values: IndexLike, high: int) -> Tensor:
 
 
 @torch.inference_mode()
+def mlp_hooks(
+    model: Any, tokens: Int[Tensor, "batch pos"], layer: int, kinds: Sequence[str]
+) -> dict[str, Float[Tensor, "batch pos d"]]:
+    """One forward pass of `tokens` up to layer `layer`, reading the MLP hooks `kinds` (`models.hook_name`:
+    `"mlp_in"`, `"ln_normalized"`, `"pre"`, `"pre_linear"`, `"post"`) under the names of this model's family,
+    each as `[batch, pos, d]` (OPT fires some inside its MLP flattened to `[batch * pos, d]`). No input checks:
+    callers check `layer` and `tokens`."""
+    names = {hook_name(layer, k, model): k for k in kinds}
+    device = next(model.parameters()).device
+    _, cache = model.run_with_cache(tokens.to(device), names_filter=list(names), stop_at_layer=layer + 1)
+    return {kind: cache[name].reshape(tokens.shape[0], tokens.shape[1], -1) for name, kind in names.items()}
+
+
+@torch.inference_mode()
 def _gather(
     model: Any,
     windows: Int[Tensor, "n_windows window"],
@@ -162,17 +177,11 @@ def _gather(
     wid = _as_index("window_ids", window_ids, windows.shape[0])
     pos = _as_index("positions", positions, windows.shape[1])
     unique, inverse = torch.unique(wid, return_inverse=True)  # each window runs once
-    names = {hook_name(layer, k, model): k for k in kinds}
     out = {k: [] for k in kinds}
-    device = next(model.parameters()).device
     for start in range(0, len(unique), batch_size):
-        chunk = unique[start : start + batch_size]
-        _, cache = model.run_with_cache(
-            windows[chunk].to(device), names_filter=list(names), stop_at_layer=layer + 1
-        )
-        for name, kind in names.items():
-            # [chunk, window, d]; some families (OPT) fire hooks inside the MLP flattened to [chunk * window, d]
-            out[kind].append(cache[name].float().cpu().reshape(len(chunk), windows.shape[1], -1))
+        read = mlp_hooks(model, windows[unique[start : start + batch_size]], layer, kinds)
+        for kind in kinds:
+            out[kind].append(read[kind].float().cpu())  # [chunk, window, d]
     result = {}
     for kind, parts in out.items():
         width = model.cfg.d_model if kind in ("mlp_in", "ln_normalized") else model.cfg.d_mlp

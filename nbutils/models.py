@@ -52,6 +52,9 @@ def _boot(path_or_name: str, device: str | None) -> Any:
     transformers.utils.logging.disable_progress_bar()
     model = TransformerBridge.boot_transformers(path_or_name, device=device or "cpu")
     model.eval()
+    width = model.blocks[0].mlp.W_in.shape[-1]  # W_in [d_model, d_mlp]
+    if width != model.cfg.d_mlp:
+        model.cfg.d_mlp = int(width)  # the bridge takes OPT's MLP width as 4 * d_model instead of its `ffn_dim`
     return model
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float
 
-from nbutils import clustering
+from nbutils import clustering, embeddings
 from nbutils._validation import check_choice, check_int_range, check_matrix, check_positive_int
 
 __all__ = ["SPACES", "BACKENDS", "EXACT_MAX", "LayerFeatures", "layer_features", "nearest_neighbours",
@@ -82,8 +82,8 @@ def layer_features(
     lx = examples if examples is not None else clustering.layer_examples(model, windows, top, layer, fold_ln=fold_ln,
                                                                          batch_size=batch_size)
     layer, ex, unique, inverse, bounds, n_pos = lx.layer, lx.examples, lx.keys, lx.inverse, lx.bounds, lx.n_pos
-    h, W, b = lx.h, lx.W, lx.b
-    acts = clustering.mlp_activation(model, h @ W + b)  # [n_unique, d_mlp] every neuron at every example of the layer
+    h, W = lx.h, lx.W
+    acts = embeddings.neuron_outputs(model, layer, h, fold_ln=fold_ln)  # [n_unique, d_mlp] every neuron, every example
     max_act = top.max_act[layer].numpy().astype(np.float64)  # [d_mlp]
     scale = np.where(max_act > 0, max_act, np.nan)
     acts_ex = ex["act"].to_numpy()
