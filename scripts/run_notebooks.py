@@ -93,10 +93,12 @@ def execute(path: Path, cell_timeout: float) -> nbformat.NotebookNode:
     code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
     state = {"index": -1, "started": time.time(), "last_print": time.time()}
 
-    def on_cell_start(cell, cell_index):  # noqa: ANN001 (nbclient hook signature)
+    def on_cell_start(cell, cell_index):  # noqa: ANN001 (nbclient hook signature; called for every cell)
+        if cell.cell_type != "code":
+            return
         now = time.time()
         state["index"] = cell_index
-        done = code.index(cell_index) if cell_index in code else 0
+        done = code.index(cell_index)
         if now - state["last_print"] >= PROGRESS_EVERY or done == 0:
             print(f"    cell {cell_index} ({done + 1}/{len(code)} code cells, {now - state['started']:.0f} s): "
                   f"{_first_line(cell)}", flush=True)
