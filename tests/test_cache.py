@@ -96,3 +96,23 @@ def test_the_key_records_the_cache_format(tmp_path):
     assert run.key["cache_format"] == cache.CACHE_FORMAT
     run.save_finished(pd.DataFrame({"a": [1]}))
     assert '"cache_format": 2' in run.meta_path.read_text()
+
+
+def test_the_offline_corpus_file_is_tied_to_its_inputs(tmp_path, monkeypatch):
+    import gzip
+    import json
+
+    from nbutils import data
+
+    monkeypatch.setenv("NBUTILS_CACHE", str(tmp_path))
+    key = data._offline_key()
+    path = tmp_path / "corpus" / f"offline-v3-py{key['python']}.json.gz"
+    path.parent.mkdir(parents=True)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        json.dump({"key": key, "documents": ["one document", "another"]}, f)
+    assert data._offline_documents() == ["one document", "another"]  # read back, not rebuilt
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        json.dump({"key": {**key, "fortunes": "0.0"}, "documents": ["from elsewhere"]}, f)
+    with pytest.raises(cache.CacheError, match=r"offline-v3-py.*was built from other inputs.*Nothing was deleted"):
+        data._offline_documents()
+    assert path.exists()
