@@ -78,6 +78,7 @@ __all__ = [
     "Atlas",
     "build_atlas",
     "layer_tables",
+    "layers_tables",
     "features_table",
     "similar_table",
     "token_label",
@@ -221,42 +222,96 @@ def _shown_rows(labels: np.ndarray, centres: np.ndarray, shown: int) -> np.ndarr
     return np.sort(np.concatenate(keep)).astype(np.int64) if keep else np.zeros(0, dtype=np.int64)
 
 
-@torch.inference_mode()
-def _layer_pass(model: Any, windows: Tensor, top: Any, layer: int, settings: AtlasSettings
-                ) -> tuple[clustering.LayerExamples, np.ndarray]:
-    """One batched pass over the windows that hold the layer's examples (each window once, up to `layer`).
+@dataclass
+class _Gather:
+    """What one layer needs from the pass: h at its distinct example keys, activations around its examples."""
 
-    Returns the layer's `clustering.LayerExamples` (h of every distinct example, as `clustering.layer_examples`
-    reads it) and each example's neuron activation on the tokens `pos - before .. pos + after`
-    `[n_examples, before + after + 1]` float32 (NaN outside the window).
+    examples: pd.DataFrame
+    keys: np.ndarray  # [n_unique] window * n_pos + pos
+    inverse: np.ndarray  # [n_examples] row of h of each example
+    h: np.ndarray  # [n_unique, d_model] float64
+    context: np.ndarray  # [n_examples, before + after + 1] float32, NaN outside the window
+
+
+def _layer_bytes(top: Any, layer: int, d_model: int, width: int) -> int:
+    """Memory the pass holds for one layer: h of its examples (an upper bound: one per example) and contexts."""
+    n = int(top._keep()[layer].sum())
+    return n * (8 * d_model + 4 * width)
+
+
+@torch.inference_mode()
+def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], settings: AtlasSettings,
+                 progress: bool = False) -> dict[int, _Gather]:
+    """One pass over all the windows, in fixed batches of `batch_size` (the same for any set of layers, so each
+    layer's values are the same whether it runs alone, with others or on another worker), up to the deepest
+    layer asked for; reads h and the neuron activations of every layer in `layers` at that layer's examples.
     """
-    ex = clustering._layer_examples(top, windows, layer).reset_index(drop=True)
-    n_pos, d_model = windows.shape[1], model.cfg.d_model
-    wid, pos, neuron = (ex[c].to_numpy(np.int64) for c in ("window", "pos", "neuron"))
-    keys, inverse = np.unique(wid * n_pos + pos, return_inverse=True)
-    h = np.zeros((len(keys), d_model))  # [n_unique, d_model]
+    from tqdm.auto import tqdm
+
+    n_windows, n_pos = windows.shape
     offsets = np.arange(-settings.before, settings.after + 1)  # [width]
-    context = np.full((len(ex), len(offsets)), np.nan, dtype=np.float32)  # [n_examples, width]
-    kinds = ("ln_normalized" if settings.fold_ln else "mlp_in", "post")
-    runs = np.unique(wid)
-    for lo in range(0, len(runs), settings.batch_size):
-        chunk = runs[lo : lo + settings.batch_size]
-        read = embeddings.mlp_hooks(model, windows[torch.as_tensor(chunk)], layer, kinds)  # this family's hooks
-        H, P = read[kinds[0]].float().cpu(), read["post"].float().cpu()  # [chunk, n_pos, d_model / d_mlp]
-        in_chunk = np.flatnonzero(np.isin(keys // n_pos, chunk))
-        local = np.searchsorted(chunk, keys[in_chunk] // n_pos)
-        h[in_chunk] = H[torch.as_tensor(local), torch.as_tensor(keys[in_chunk] % n_pos)].double().numpy()
-        rows = np.flatnonzero(np.isin(wid, chunk))
-        at = pos[rows, None] + offsets  # [rows, width]
-        valid = (at >= 0) & (at < n_pos)
-        values = P[torch.as_tensor(np.searchsorted(chunk, wid[rows]))[:, None], torch.as_tensor(np.clip(at, 0, n_pos - 1)),
-                   torch.as_tensor(neuron[rows])[:, None]].numpy()  # [rows, width]
-        context[rows] = np.where(valid, values, np.nan)
-    W, b = embeddings.mlp_in_weights(model, layer, fold_ln=settings.fold_ln)
-    bounds = np.searchsorted(neuron, np.arange(model.cfg.d_mlp + 1))
-    lx = clustering.LayerExamples(layer=layer, examples=ex, keys=keys, h=h, inverse=inverse.reshape(-1), bounds=bounds,
-                                  W=W.numpy().astype(np.float64), b=b.numpy().astype(np.float64), n_pos=n_pos)
-    return lx, context
+    kind = "ln_normalized" if settings.fold_ln else "mlp_in"
+    out: dict[int, _Gather] = {}
+    for layer in layers:
+        ex = clustering._layer_examples(top, windows, layer).reset_index(drop=True)
+        keys, inverse = np.unique(ex["window"].to_numpy(np.int64) * n_pos + ex["pos"].to_numpy(np.int64),
+                                  return_inverse=True)
+        out[layer] = _Gather(ex, keys, inverse.reshape(-1), np.zeros((len(keys), model.cfg.d_model)),
+                             np.full((len(ex), len(offsets)), np.nan, dtype=np.float32))
+    names = {layer: (hook_name(layer, kind), hook_name(layer, "post")) for layer in layers}
+    device = next(model.parameters()).device
+    bar = tqdm(total=n_windows * n_pos, unit="tok", unit_scale=True, disable=not progress, leave=False,
+               desc=f"reading h of layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}")
+    for lo in range(0, n_windows, settings.batch_size):
+        hi = min(lo + settings.batch_size, n_windows)
+        _, cache_ = model.run_with_cache(windows[lo:hi].to(device), names_filter=[n for pair in names.values()
+                                                                                   for n in pair],
+                                         stop_at_layer=max(layers) + 1)
+        for layer, g in out.items():
+            H, P = cache_[names[layer][0]], cache_[names[layer][1]]  # [batch, n_pos, d_model / d_mlp]
+            a, b = np.searchsorted(g.keys, [lo * n_pos, hi * n_pos])
+            k = torch.as_tensor(g.keys[a:b].copy())
+            g.h[a:b] = H[k // n_pos - lo, k % n_pos].double().cpu().numpy()
+            wid = g.examples["window"].to_numpy(np.int64)
+            rows = np.flatnonzero((wid >= lo) & (wid < hi))
+            at = g.examples["pos"].to_numpy(np.int64)[rows, None] + offsets  # [rows, width]
+            valid = (at >= 0) & (at < n_pos)
+            values = P[torch.as_tensor(wid[rows] - lo)[:, None], torch.as_tensor(np.clip(at, 0, n_pos - 1)),
+                       torch.as_tensor(g.examples["neuron"].to_numpy(np.int64)[rows])[:, None]]  # [rows, width]
+            g.context[rows] = np.where(valid, values.float().cpu().numpy(), np.nan)
+        bar.update((hi - lo) * n_pos)
+    bar.close()
+    return out
+
+
+def _layer_examples_of(model: Any, layer: int, g: _Gather, fold_ln: bool, n_pos: int) -> clustering.LayerExamples:
+    W, b = embeddings.mlp_in_weights(model, layer, fold_ln=fold_ln)
+    bounds = np.searchsorted(g.examples["neuron"].to_numpy(), np.arange(model.cfg.d_mlp + 1))
+    return clustering.LayerExamples(layer=layer, examples=g.examples, keys=g.keys, h=g.h, inverse=g.inverse,
+                                    bounds=bounds, W=W.numpy().astype(np.float64), b=b.numpy().astype(np.float64),
+                                    n_pos=n_pos)
+
+
+def layers_tables(model: Any, windows: Tensor, top: Any, layers: list[int], settings: AtlasSettings, *,
+                  memory_budget: int = 2 << 30, progress: bool = False) -> Iterator[LayerTables]:
+    """The `clusters` step of several layers, in process: consecutive layers are read in one pass while their
+    pre-MLP vectors fit in `memory_budget` bytes (a layer alone otherwise), then clustered one by one.
+    The tables equal `layer_tables` of each layer alone."""
+    d_model, width = model.cfg.d_model, settings.before + settings.after + 1
+    groups: list[list[int]] = []
+    used = 0
+    for layer in layers:
+        need = _layer_bytes(top, layer, d_model, width)
+        if groups and used + need <= memory_budget:
+            groups[-1].append(layer)
+            used += need
+        else:
+            groups.append([layer])
+            used = need
+    for group in groups:
+        gathered = _layers_pass(model, windows, top, group, settings, progress=progress)
+        for layer in group:
+            yield _cluster_layer(model, windows, top, layer, gathered.pop(layer), settings)
 
 
 def layer_tables(model: Any, windows: Tensor, top: Any, layer: int, settings: AtlasSettings) -> LayerTables:
@@ -264,11 +319,18 @@ def layer_tables(model: Any, windows: Tensor, top: Any, layer: int, settings: At
     activations of the shown examples and the central embedding of each feature.
 
     One batched pass over the windows reads h of all the layer's examples and their context activations
-    (`_layer_pass`). Deterministic: the same inputs give the same tables, in any process.
+    (`_layers_pass`). Deterministic: the same inputs give the same tables, in any process.
     """
+    return _cluster_layer(model, windows, top, layer, _layers_pass(model, windows, top, [layer], settings)[layer],
+                          settings)
+
+
+def _cluster_layer(model: Any, windows: Tensor, top: Any, layer: int, g: _Gather, settings: AtlasSettings
+                   ) -> LayerTables:
     from threadpoolctl import threadpool_limits
 
-    lx, context = _layer_pass(model, windows, top, layer, settings)
+    lx = _layer_examples_of(model, layer, g, settings.fold_ln, int(windows.shape[1]))
+    context = g.context
     ex = lx.examples
     n, d_mlp = len(ex), model.cfg.d_mlp
     cluster = np.zeros(n, dtype=np.int64)
@@ -731,7 +793,7 @@ def build_atlas(
         todo = [l for l in layer_list if not folder.done(f"layer {l} clusters")]
         bar.update(len(layer_list) - len(todo))
         runner = map_layers if map_layers is not None else (
-            lambda ls, st: (layer_tables(model, windows, top, l, st) for l in ls))
+            lambda ls, st: layers_tables(model, windows, top, ls, st, progress=progress))
         started, waiting = time.perf_counter(), set(todo)
         for tables in runner(todo, settings):
             l = getattr(tables, "layer", None)

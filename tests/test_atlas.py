@@ -255,3 +255,17 @@ def test_a_killed_build_resumes_to_the_same_atlas(tmp_path):
     for name in ("neurons", "examples", "contexts", "features", "similar"):
         pd.testing.assert_frame_equal(resumed.table(name), expected.table(name), check_exact=True)
     assert torch.equal(resumed.windows, expected.windows)
+
+
+def test_layers_read_together_equal_each_layer_alone(model, windows, top):
+    settings = atlas.AtlasSettings(k=K)
+    together = list(atlas.layers_tables(model, windows, top, [1, 3], settings, memory_budget=1 << 40))
+    alone = atlas.layer_tables(model, windows, top, 3, settings)
+    assert [t.layer for t in together] == [1, 3]
+    for name in ("neurons", "examples", "contexts", "vectors"):
+        left, right = getattr(together[1], name), getattr(alone, name)
+        if name in ("contexts", "vectors"):  # array columns: compare element by element
+            column = "acts" if name == "contexts" else "vector"
+            assert all(np.array_equal(a, b) for a, b in zip(left[column], right[column]))
+            left, right = left.drop(columns=column), right.drop(columns=column)
+        pd.testing.assert_frame_equal(left, right, check_exact=True)
