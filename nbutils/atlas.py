@@ -1040,7 +1040,7 @@ class Atlas:
         if token is None and text is None:
             fail("token", "be given (or `text`)", "neither", "Pass token='...' or text='...'.")
         for name, value in (("token", token), ("text", text)):
-            if value is not None and (not isinstance(value, str) or not value.strip()):
+            if value is not None and (not isinstance(value, str) or not value):
                 fail(name, "be a non-empty string", repr(value))
         limit = check_int_range("limit", limit, 1, 10**6)
         where, params = [], []
