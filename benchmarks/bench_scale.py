@@ -169,15 +169,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="GPT-2-small speed from the time of 2n minus n windows (default n = 64)")
     args = parser.parse_args(argv)
 
-    import ray
-
     torch.set_num_threads(2)
     model = models.load_model()
     windows = data.corpus_windows(model, n_windows=args.windows, window=args.window)
     print(f"{args.windows} windows x {args.window} tokens, k {args.k}; cores {os.cpu_count()}; load average at start "
           f"{os.getloadavg()[0]:.1f}")
     start = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    session = scale.connect(num_cpus=2)
     print(f"\n1. overhead (local Ray cluster of 2 CPUs started in {time.perf_counter() - start:.1f} s)")
     o = _overhead(args, model, windows)
     print(f"  first Ray call (2 workers start, load the model and corpus, collect): {o['cold']:.1f} s")
@@ -193,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
               f"collection; ratio of speeds {a['in_process'] / a['ray']:.2f}); same atlas key: {a['same_key']}")
         for name, (one, two) in a["steps"].items():
             print(f"    {name:22s} in-process {one:7.1f} s   Ray {two:7.1f} s")
-    ray.shutdown()
+    session.close()
 
     print("\n2. merge cost: GPT-2-small-shaped state (12 x 3,072 neurons, k 128), pairwise tree of n - 1 merges")
     gen = torch.Generator().manual_seed(0)

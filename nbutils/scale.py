@@ -65,6 +65,7 @@ __all__ = [
 
 _RETRIES = 3  # times Ray re-runs a task whose worker process died
 _CONNECT_TIMEOUT = 5.0  # seconds to wait for a cluster address to answer
+_LOCAL_STARTS = 3  # attempts to start a local cluster: on a busy machine, Ray's agents can miss its start-up timeout
 _INSTALL = 'Ray is not installed. Install the optional extra with `pip install -e ".[scale]"` (or `pip install "ray>=2.40"`).'
 
 
@@ -168,14 +169,16 @@ class _Session:
             self.ray.shutdown()
 
 
-def connect(address: str | None = None) -> _Session:
+def connect(address: str | None = None, *, num_cpus: int | None = None) -> _Session:
     """Connect to Ray: an already initialised connection, else `address`, else `$RAY_ADDRESS`, else a new
-    local cluster on this machine.
+    local cluster on this machine (`num_cpus`: its CPUs, default all).
+
+    Returns a session; `session.close()` shuts Ray down if this call started it.
 
     Raises:
         ImportError: Ray is not installed (names the extra to install).
         ConnectionError: the cluster address does not answer within a few seconds (names `address` or
-            RAY_ADDRESS and what to do).
+            RAY_ADDRESS and what to do), or a local cluster did not start.
     """
     ray = _ray()
     origin = "address" if address else "RAY_ADDRESS"
@@ -185,14 +188,25 @@ def connect(address: str | None = None) -> _Session:
     if ray.is_initialized():
         return _Session(ray, started=False)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    options = dict(include_dashboard=False, configure_logging=True, logging_level="warning", log_to_driver=True)
-    try:
-        ray.init(address=address or "local", **options)
-    except (ConnectionError, RuntimeError, TimeoutError) as err:
-        raise ConnectionError(
-            f"Cannot connect to the Ray cluster at `{origin}` = {address!r} ({type(err).__name__}: {err}). "
-            f"Start one with `ray start --head`, fix `{origin}`, or leave both unset for a local cluster."
-        ) from None
+    options = dict(include_dashboard=False, logging_level="warning")
+    if address:
+        try:
+            ray.init(address=address, **options)
+        except (ConnectionError, RuntimeError, TimeoutError) as err:
+            raise ConnectionError(
+                f"Cannot connect to the Ray cluster at `{origin}` = {address!r} ({type(err).__name__}: {err}). "
+                f"Start one with `ray start --head`, fix `{origin}`, or leave both unset for a local cluster."
+            ) from None
+        return _Session(ray, started=True)
+    for attempt in range(1, _LOCAL_STARTS + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, **options)
+            break
+        except Exception as err:  # Ray raises a bare Exception when a node is slow to start
+            ray.shutdown()
+            if attempt == _LOCAL_STARTS or "timed out during startup" not in str(err):
+                raise ConnectionError(f"The local Ray cluster did not start ({type(err).__name__}: {err}). "
+                                      "On a busy machine, try again; logs are in /tmp/ray/session_latest/logs.") from None
     return _Session(ray, started=True)
 
 
@@ -244,17 +258,21 @@ def _worker_setup(model_spec: str, corpus_spec: CorpusSpec, threads: int = 1) ->
 
 
 def _collect_shard(model_spec: str, corpus_spec: CorpusSpec, start: int, stop: int, options: dict,
-                   threads: int, kill_marker: str | None) -> tuple[dict, activations.TopActivations]:
+                   threads: int, kill_marker: str | None) -> tuple[dict, _Packed]:
     """One shard: `collect_top_activations` over windows `start:stop` with global ids. Returns a small status
-    (for the driver's progress bar) and the result (kept in the object store for the merge tree)."""
+    (for the driver's progress bar, or the `SpecError` message) and the result (kept in the object store for
+    the merge tree; `None` after a `SpecError`, so no failed object is left behind for Ray to report)."""
     began = time.perf_counter()
-    model, windows = _worker_setup(model_spec, corpus_spec, threads)
+    try:
+        model, windows = _worker_setup(model_spec, corpus_spec, threads)
+    except SpecError as err:
+        return {"start": start, "error": err.message}, None
     if kill_marker is not None and start == 0 and not os.path.exists(kill_marker):
         Path(kill_marker).write_text(str(os.getpid()))  # test hook: die once, mid-shard, to be retried
         os._exit(1)
     top = activations.collect_top_activations(model, windows[start:stop], window_offset=start, progress=False,
                                               **options)
-    return {"start": start, "stop": stop, "seconds": time.perf_counter() - began, "pid": os.getpid()}, top
+    return {"start": start, "stop": stop, "seconds": time.perf_counter() - began, "pid": os.getpid()}, _pack(top)
 
 
 def _layer_tables(model_spec: str, corpus_spec: CorpusSpec, top: activations.TopActivations, layer: int,
@@ -266,8 +284,29 @@ def _layer_tables(model_spec: str, corpus_spec: CorpusSpec, top: activations.Top
     return atlas.layer_tables(model, windows, top, layer, settings)
 
 
-def _merge(a: activations.TopActivations, b: activations.TopActivations) -> activations.TopActivations:
-    return activations.merge(a, b)
+@dataclass
+class _Packed:
+    """A collection in transit between workers: window ids and positions as int32, 12 bytes a slot instead of
+    20 (ids fit: a `CorpusSpec` has fewer than 2**31 windows)."""
+
+    act: torch.Tensor  # [n_layers, d_mlp, k] float32
+    window: torch.Tensor  # [n_layers, d_mlp, k] int32
+    pos: torch.Tensor  # [n_layers, d_mlp, k] int32
+    facts: dict  # the other fields of `TopActivations`
+
+
+def _pack(top: activations.TopActivations) -> _Packed:
+    facts = dict(settings=top.settings, n_windows=top.n_windows, window_ranges=top.window_ranges,
+                 model_id=top.model_id, corpus_id=top.corpus_id)
+    return _Packed(top.act, top.window.to(torch.int32), top.pos.to(torch.int32), facts)
+
+
+def _unpack(packed: _Packed) -> activations.TopActivations:
+    return activations.TopActivations(packed.act, packed.window.long(), packed.pos.long(), **packed.facts)
+
+
+def _merge(a: _Packed, b: _Packed) -> _Packed:
+    return _pack(activations.merge(_unpack(a), _unpack(b)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,26 +332,35 @@ def _get(ray: Any, refs: Any) -> Any:
         raise
 
 
-def _merge_tree(ray: Any, refs: list) -> Any:
-    """Submit the fixed pairwise merge tree over `refs` (in shard order); the root's reference."""
-    merge = ray.remote(_merge).options(num_cpus=1, max_retries=_RETRIES)
-    while len(refs) > 1:
-        pairs = [merge.remote(refs[i], refs[i + 1]) for i in range(0, len(refs) - 1, 2)]
-        refs = pairs + refs[len(refs) - len(refs) % 2:]
-    return refs[0]
+class _MergeTree:
+    """The fixed pairwise merge tree over shard results: level 0 holds the shards in order; each next level
+    merges items `(0, 1), (2, 3), ...` of the one below and carries an odd last item up unchanged.
 
+    A merge task is submitted as soon as both of its inputs are known to be good (their shards' statuses came
+    back without error), so merges run while other shards still collect, and nothing is built on a failed
+    shard."""
 
-def _wait_all(ray: Any, statuses: list, progress: bool, desc: str) -> list[dict]:
-    """Wait for the small status objects as they arrive, with a tqdm bar; the first failure raises."""
-    from tqdm.auto import tqdm
+    def __init__(self, ray: Any, results: list) -> None:
+        self.merge = ray.remote(_merge).options(num_cpus=1, max_retries=_RETRIES)
+        self.results = results
+        sizes = [len(results)]
+        while sizes[-1] > 1:
+            sizes.append((sizes[-1] + 1) // 2)
+        self.levels: list[list[Any]] = [[None] * n for n in sizes]
 
-    pending, done = list(statuses), []
-    with tqdm(total=len(statuses), unit="shard", desc=desc, disable=not progress) as bar:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            done += _get(ray, ready)
-            bar.update(len(ready))
-    return done
+    def shard_done(self, index: int) -> None:
+        """Shard `index` finished well: place it and submit every merge that now has both inputs."""
+        self.levels[0][index] = self.results[index]
+        for below, level in zip(self.levels, self.levels[1:]):
+            for i, item in enumerate(level):
+                pair = below[2 * i : 2 * i + 2]
+                if item is not None or None in pair:
+                    continue
+                level[i] = pair[0] if len(pair) == 1 else self.merge.remote(*pair)  # an odd last item moves up
+
+    @property
+    def root(self) -> Any:
+        return self.levels[-1][0]
 
 
 def _start_shards(ray: Any, spec: str, corpus_spec: CorpusSpec, shards: int, settings: dict, num_gpus: float | None,
@@ -329,15 +377,22 @@ def _start_shards(ray: Any, spec: str, corpus_spec: CorpusSpec, shards: int, set
 
 def _collect(ray: Any, spec: str, corpus_spec: CorpusSpec, shards: int, settings: dict, num_gpus: float | None,
              cache_dir: Any, progress: bool, kill_marker: Any = None) -> activations.TopActivations:
-    """Run the shard tasks and the merge tree, follow the shards with a bar, return the merged result."""
+    """Run the shard tasks, follow them with a bar as they finish (`ray.wait`), feed the merge tree, return the
+    merged result. A shard whose worker could not build its inputs stops the run with one ValueError (the
+    other shards finish on their own, or end with the cluster)."""
+    from tqdm.auto import tqdm
+
     statuses, results = _start_shards(ray, spec, corpus_spec, shards, settings, num_gpus, cache_dir, kill_marker)
-    try:
-        _wait_all(ray, statuses, progress, f"collecting {shards} shards on Ray")
-        return _get(ray, _merge_tree(ray, results))
-    except BaseException:
-        for ref in statuses:
-            ray.cancel(ref)
-        raise
+    tree, pending = _MergeTree(ray, results), list(statuses)
+    with tqdm(total=shards, unit="shard", desc=f"collecting {shards} shards on Ray", disable=not progress) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            status = ray.get(ready[0])
+            if "error" in status:
+                raise ValueError(status["error"])
+            tree.shard_done(statuses.index(ready[0]))
+            bar.update(1)
+    return _unpack(ray.get(tree.root))
 
 
 def collect_ray(
@@ -468,13 +523,9 @@ def build_atlas_ray(
 
         def map_layers(todo: list[int], st: Any) -> Iterator[Any]:
             pending = [task.remote(spec, corpus_spec, top_ref, layer, st, 1) for layer in todo]
-            try:
-                while pending:
-                    ready, pending = ray.wait(pending, num_returns=1)
-                    yield _get(ray, ready[0])
-            finally:
-                for ref in pending:
-                    ray.cancel(ref)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                yield _get(ray, ready[0])
 
         return atlas.build_atlas(model, windows, top=top, map_layers=map_layers, layers=layers, out=out,
                                  cache_dir=cache_dir, source=corpus_spec.source, progress=progress, **asdict(settings))

@@ -5,19 +5,19 @@ One local Ray cluster with 2 CPUs serves the module; it is shut down at the end.
 
 from __future__ import annotations
 
-import os
+import gc
 import subprocess
 import sys
-
-import pytest
-import torch
+import time
 
 import pandas as pd
+import pytest
+import torch
 
 from nbutils import __main__ as cli
 from nbutils import activations, atlas, scale
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 
 K, FRAC, BATCH = 16, 0.75, 16
 SPEC = scale.CorpusSpec(n_windows=64, window=32)  # 4 batches of 16 windows
@@ -25,10 +25,10 @@ SPEC = scale.CorpusSpec(n_windows=64, window=32)  # 4 batches of 16 windows
 
 @pytest.fixture(scope="module")
 def cluster():
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    session = scale.connect(num_cpus=2)  # ray.init(num_cpus=2), retried if the busy machine misses Ray's start-up timeout
+    assert session.started, "another Ray connection was open"
     yield
-    ray.shutdown()
+    session.close()
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_shard_bounds_fall_on_batches():
         scale.shard_bounds(64, 5, 16)
 
 
-@pytest.mark.parametrize("shards", [1, 2, 4])
+@pytest.mark.parametrize("shards", [2, 1, 4])  # 2 first: both workers start at once
 def test_identical_to_one_pass(cluster, one_pass, tmp_path, shards):
     top = _collect(tmp_path, shards=shards)
     _assert_same(top, one_pass)
@@ -96,12 +96,15 @@ def test_unreachable_address_fails_fast(cluster, tmp_path, monkeypatch):
         _collect(tmp_path, address="no-port-here")
 
 
-def test_model_that_workers_cannot_load(cluster, tmp_path):
+def test_model_that_workers_cannot_load(cluster, tmp_path, capfd):
     folder = tmp_path / "not-a-model"
     folder.mkdir()
     with pytest.raises(ValueError, match=r"`model_spec` '.*not-a-model' could not be loaded on a Ray worker") as err:
-        scale.collect_ray(folder, SPEC, shards=1, k=K, batch_size=BATCH, cache_dir=tmp_path, progress=False)
-    assert "Traceback" not in str(err.value) and err.value.__cause__ is None and err.value.__suppress_context__
+        scale.collect_ray(folder, SPEC, shards=2, k=K, batch_size=BATCH, cache_dir=tmp_path, progress=False)
+    assert "Traceback" not in str(err.value) and err.value.__cause__ is None
+    gc.collect()  # Ray reports failed objects that nobody read when they are freed: there must be none
+    time.sleep(1.0)
+    assert "Unhandled error" not in capfd.readouterr().err
 
 
 def test_corpus_that_workers_cannot_build(cluster, tmp_path):
