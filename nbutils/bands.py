@@ -119,28 +119,29 @@ def _batch_candidates(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """For each (neuron, band), the `per_band` lowest-priority tokens of one batch in that band.
 
-    Tokens are put in priority order once; per neuron, a sort of `band * n_tok + rank` groups tokens by band
-    in priority order, and the first `per_band` of each band's run are the candidates.
+    Tokens are put in priority order once; the positive activations, listed in that order, are grouped by
+    (neuron, band) with a stable sort, so each group's first `per_band` entries are its candidates.
 
     Returns (priority, window, pos, act), each `[d_mlp, bands, per_band]`.
     """
-    n_tok, d_mlp = act.shape
+    d_mlp = act.shape[1]
     order = torch.argsort(prio)
     act, prio, window, pos = act[order], prio[order], window[order], pos[order]
-    live = max_act > 0  # [d_mlp]
-    scaled = act * bands / torch.where(live, max_act, torch.ones_like(max_act))  # [n_tok, d_mlp]
-    band = (torch.ceil(scaled) - 1).clamp(max=bands - 1).long()
-    band = band.masked_fill((act <= 0) | ~live, bands)  # `bands`: no band
-    key = (band * n_tok + torch.arange(n_tok)[:, None]).T.contiguous()  # [d_mlp, n_tok]
-    key, _ = key.sort(dim=1)
-    starts = torch.searchsorted(key, (torch.arange(bands) * n_tok).expand(d_mlp, bands).contiguous())  # [d_mlp, bands]
-    idx = starts[..., None] + torch.arange(per_band)  # [d_mlp, bands, per_band]
-    got = key.gather(1, idx.clamp(max=n_tok - 1).reshape(d_mlp, -1)).reshape(idx.shape)
-    valid = (idx < n_tok) & (got // n_tok == torch.arange(bands)[:, None])  # still inside this band's run
-    rank = got % n_tok  # token in priority order
-    neuron = torch.arange(d_mlp)[:, None, None].expand_as(rank)
-    return (prio[rank].masked_fill(~valid, _NONE), window[rank].masked_fill(~valid, -1),
-            pos[rank].masked_fill(~valid, 0), act[rank, neuron].masked_fill(~valid, float("nan")))
+    tok, neuron = torch.nonzero((act > 0) & (max_act > 0), as_tuple=True)  # by priority, then neuron
+    value = act[tok, neuron]
+    band = (torch.ceil(value * bands / max_act[neuron]) - 1).clamp(min=0, max=bands - 1).long()
+    shape = (d_mlp, bands, per_band)
+    if len(tok) == 0:
+        return _empty(shape)
+    key = neuron * bands + band  # [n_entries] the entry's (neuron, band) group
+    group, perm = torch.sort(key, stable=True)  # within a group: still by priority
+    groups = torch.arange(d_mlp * bands)
+    first = torch.searchsorted(group, groups)[:, None] + torch.arange(per_band)  # [d_mlp * bands, per_band]
+    entry = perm[first.clamp(max=len(group) - 1)]  # entries of the group's first per_band places
+    valid = (first < len(group)) & (key[entry] == groups[:, None])
+    t = tok[entry]
+    return (prio[t].masked_fill(~valid, _NONE).reshape(shape), window[t].masked_fill(~valid, -1).reshape(shape),
+            pos[t].masked_fill(~valid, 0).reshape(shape), value[entry].masked_fill(~valid, float("nan")).reshape(shape))
 
 
 def collect_band_samples(
@@ -241,18 +242,21 @@ def band_clusters(
     method: str | None = None,
     threshold: float | int | None = None,
     min_size: int = 3,
+    examples: Any = None,
 ) -> pd.DataFrame:
     """Do a neuron's top clusters persist, split or vanish below the top? Cluster each band's sample of each
     neuron on its own, and match every band example to the nearest top cluster.
 
-    The top clusters are `clustering.neuron_clusters` of the neuron's top examples (clusters of at least
-    `min_size` examples); each is represented by the mean direction of its members' unit embeddings.
+    The top clusters are the clusters of the neuron's top examples (`clustering.cluster` of their neuron
+    embeddings, those of at least `min_size` examples); each is represented by the mean direction of its
+    members' unit embeddings. The band examples of all `neurons` are read in one batched pass.
 
     Args:
         model, windows, top: as in `clustering.polysemy_table`; `sample` from `collect_band_samples`.
         layer: MLP layer; neurons: live neurons of it.
         method, threshold: as in `clustering.cluster`.
         min_size: smallest top cluster that counts.
+        examples: this layer's `clustering.layer_examples(...)`, if already read.
 
     Returns:
         DataFrame, one row per (neuron, band) with examples: `layer, neuron, band, n_examples, n_clusters,
@@ -260,34 +264,38 @@ def band_clusters(
         nearest one of at least `min_size` band examples) and `fit` (mean cosine of the band examples to their
         nearest top cluster over the same for the top examples themselves: 1 = as close as the top examples).
     """
-    from nbutils import clustering, embeddings
-    from nbutils.models import check_layer, check_neuron
+    from nbutils import clustering
+    from nbutils.models import check_neuron
 
-    layer = check_layer(model, layer)
-    W = embeddings.mlp_in_weights(model, layer)[0].double().numpy()  # [d_model, d_mlp]
+    lx = examples if examples is not None else clustering.layer_examples(model, windows, top, layer)
+    neurons = [check_neuron(model, n) for n in np.atleast_1d(np.asarray(neurons))]
     table = sample.table
+    table = table[(table.layer == lx.layer) & table.neuron.isin(neurons)]
+    h = clustering._pre_mlp_vectors(model, windows, lx.layer, table.window.to_numpy(), table.pos.to_numpy(),
+                                    fold_ln=True)  # [n_rows, d_model]
     rows = []
-    for neuron in [check_neuron(model, n) for n in np.atleast_1d(np.asarray(neurons))]:
-        nc = clustering.neuron_clusters(model, windows, top, layer, neuron, method=method, threshold=threshold)
-        band = table[(table.layer == layer) & (table.neuron == neuron)]
-        wid = np.concatenate([nc.window.to_numpy(), band.window.to_numpy()])
-        pos = np.concatenate([nc.pos.to_numpy(), band.pos.to_numpy()])
-        e = clustering._pre_mlp_vectors(model, windows, layer, wid, pos, fold_ln=True) * W[:, neuron]  # [n, d_model]
-        u = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-        u_top, u_band = u[: len(nc)], u[len(nc) :]
-        sizes = np.bincount(nc.cluster.to_numpy())
-        big = np.flatnonzero(sizes >= min_size)
+    for neuron in neurons:
+        e_top = lx.embeddings(neuron)  # [n_top, d_model]
+        if len(e_top) == 0:
+            continue
+        top_labels = clustering.cluster(e_top, method=method, threshold=threshold)
+        big = np.flatnonzero(np.bincount(top_labels) >= min_size)
         if big.size == 0:
             continue
-        centres = np.stack([u_top[nc.cluster.to_numpy() == c].mean(axis=0) for c in big])  # [n_big, d_model]
-        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-        in_big = np.isin(nc.cluster.to_numpy(), big)
-        own = (u_top[in_big] @ centres.T).max(axis=1).mean()  # the top examples' closeness to their centre
-        for b, part in band.groupby("band").indices.items():
-            x = u_band[part]
-            labels = clustering.cluster(x, method=method, threshold=threshold)
-            cos = x @ centres.T  # [n_band, n_big]
+        u_top = _unit(e_top)
+        centres = _unit(np.stack([u_top[top_labels == c].mean(axis=0) for c in big]))  # [n_big, d_model]
+        own = (u_top[np.isin(top_labels, big)] @ centres.T).max(axis=1).mean()  # top examples to their centre
+        mine = (table.neuron == neuron).to_numpy()
+        for band, part in table[mine].groupby("band").indices.items():
+            u = _unit(h[np.flatnonzero(mine)[part]] * lx.W[:, neuron])  # [n_band, d_model]
+            labels = clustering.cluster(u, method=method, threshold=threshold)
+            cos = u @ centres.T  # [n_band, n_big]
             nearest = np.bincount(cos.argmax(axis=1), minlength=len(big))
-            rows.append((layer, neuron, int(b), len(part), int(labels.max()) + 1, clustering.effective_n_clusters(labels),
-                         int((nearest >= min_size).sum()), float(cos.max(axis=1).mean() / own)))
+            rows.append((lx.layer, neuron, int(band), len(part), int(labels.max()) + 1,
+                         clustering.effective_n_clusters(labels), int((nearest >= min_size).sum()),
+                         float(cos.max(axis=1).mean() / own)))
     return pd.DataFrame(rows, columns=list(BAND_CLUSTER_COLUMNS))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
