@@ -2,14 +2,19 @@
 
     python benchmarks/bench_collect.py                     # defaults: 1024 windows × 7 rounds, N = 1000
     python benchmarks/bench_collect.py --windows 256 --rounds 3 --n 200
+    python benchmarks/bench_collect.py --model PATH         # any Hugging Face model folder the bridge boots
+    python benchmarks/bench_collect.py --random-family llama --no-memory   # a random 4-layer, d_model 256 model
+
+`--random-family` (gpt2, gpt_neox, gptj, llama, gemma2, opt) builds a randomly initialised model of that family
+from a `transformers` config (4 layers, d_model 256, d_mlp 1024) with the default tokenizer, in a temporary folder.
 
 Throughput: on the same windows and batch size, one run times, in interleaved rounds (so load from other
 processes hits every method alike),
 
 - `hf_full`: the plain Hugging Face model loaded with `transformers` from the model folder, no hooks, logits
   computed (the bare forward pass);
-- `hf_body`: the same model's transformer body only (no final LayerNorm, no unembedding): the layers
-  collection actually needs to run;
+- `hf_body`: the same model's transformer body only (`base_model`: no unembedding): the layers collection
+  actually needs to run;
 - `collect`: `activations.collect_top_activations` (no cache), which stops after the last MLP;
 - `collect_bridge`: the same through the TransformerBridge's hooks (`plain_hf=False`), to show the bridge's cost.
 
@@ -54,11 +59,39 @@ def _reset_peak() -> bool:
         return False
 
 
-def _throughput(n_windows: int, rounds: int, batch_size: int, window: int) -> dict:
+def _random_family(family: str, out: str) -> str:
+    """Save a random 4-layer, d_model 256 model of `family` with the default tokenizer into `out`."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(_env.DEFAULT_MODEL_DIR)
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.eos_token_id)
+    d, layers, d_mlp, heads, ctx = 256, 4, 1024, 4, 128
+    common = dict(hidden_size=d, num_hidden_layers=layers, intermediate_size=d_mlp, num_attention_heads=heads,
+                  max_position_embeddings=ctx, **ids)
+    configs = {
+        "gpt2": lambda: transformers.GPT2Config(n_embd=d, n_layer=layers, n_head=heads, n_positions=ctx, n_inner=d_mlp,
+                                                activation_function="gelu_new", **ids),
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(**common),
+        "gptj": lambda: transformers.GPTJConfig(n_embd=d, n_layer=layers, n_head=heads, n_positions=ctx,
+                                                n_inner=d_mlp, rotary_dim=32, **ids),
+        "llama": lambda: transformers.LlamaConfig(num_key_value_heads=2, **common),
+        "gemma2": lambda: transformers.Gemma2Config(num_key_value_heads=2, head_dim=64, **common),
+        "opt": lambda: transformers.OPTConfig(hidden_size=d, num_hidden_layers=layers, ffn_dim=d_mlp,
+                                              num_attention_heads=heads, max_position_embeddings=ctx,
+                                              word_embed_proj_dim=d, **ids),
+    }
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(configs[family]()).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _throughput(model_path: str | None, n_windows: int, rounds: int, batch_size: int, window: int) -> dict:
     from transformers import AutoModelForCausalLM
 
-    model = models.load_model()
-    hf = AutoModelForCausalLM.from_pretrained(_env.DEFAULT_MODEL_DIR).eval()
+    model = models.load_model(model_path)
+    hf = AutoModelForCausalLM.from_pretrained(model_path or _env.DEFAULT_MODEL_DIR).eval()
     windows = data.corpus_windows(model, n_windows, window)  # [n_windows, window]
 
     def forward(fn) -> None:
@@ -68,7 +101,7 @@ def _throughput(n_windows: int, rounds: int, batch_size: int, window: int) -> di
 
     methods = {
         "hf_full": lambda: forward(lambda batch: hf(batch)),
-        "hf_body": lambda: forward(lambda batch: hf.transformer(batch)),
+        "hf_body": lambda: forward(lambda batch: hf.base_model(input_ids=batch, use_cache=False)),
         "collect": lambda: activations.collect_top_activations(
             model, windows, batch_size=batch_size, use_cache=False, progress=False
         ),
@@ -88,7 +121,8 @@ def _throughput(n_windows: int, rounds: int, batch_size: int, window: int) -> di
             wall[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
     tokens = windows.numel()
-    result = {"tokens_per_round": tokens, "speeds": {}, "ratios": {}}
+    result = {"tokens_per_round": tokens, "speeds": {}, "ratios": {},
+              "engine": activations._forward(model, plain_hf=True).engine}
     for name in methods:
         result["speeds"][name] = {"median": tokens / statistics.median(wall[name]), "best": tokens / min(wall[name])}
     for collect in ("collect", "collect_bridge"):
@@ -102,8 +136,8 @@ def _throughput(n_windows: int, rounds: int, batch_size: int, window: int) -> di
     return result
 
 
-def _memory(n_windows: int, batch_size: int, window: int) -> dict:
-    model = models.load_model()
+def _memory(model_path: str | None, n_windows: int, batch_size: int, window: int) -> dict:
+    model = models.load_model(model_path)
     windows = data.corpus_windows(model, n_windows, window)
     gc.collect()
     reset = _reset_peak()
@@ -122,15 +156,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=1000, help="N for the memory comparison (N and 10×N windows)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--window", type=int, default=64, help="tokens per window")
+    parser.add_argument("--model", default=None, help="Hugging Face model folder (default: the offline default)")
+    parser.add_argument("--random-family", default=None, help="benchmark a random 4-layer, d_model 256 model of "
+                        "this family: gpt2, gpt_neox, gptj, llama, gemma2 or opt")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory comparison")
     parser.add_argument("--memory-only", type=int, default=None, help=argparse.SUPPRESS)  # child process
     args = parser.parse_args(argv)
 
     if args.memory_only is not None:
-        print(json.dumps(_memory(args.memory_only, args.batch_size, args.window)))
+        print(json.dumps(_memory(args.model, args.memory_only, args.batch_size, args.window)))
         return
+    if args.random_family is not None:
+        import tempfile
 
-    print(f"torch threads: {torch.get_num_threads()}, batch size {args.batch_size}, window {args.window} tokens")
-    bench = _throughput(args.windows, args.rounds, args.batch_size, args.window)
+        tmp = tempfile.mkdtemp(prefix=f"bench_{args.random_family}_")
+        args.model = _random_family(args.random_family, tmp)
+
+    model_name = args.model or "the offline default"
+    print(f"model: {model_name}; torch threads: {torch.get_num_threads()}, batch size {args.batch_size}, "
+          f"window {args.window} tokens")
+    bench = _throughput(args.model, args.windows, args.rounds, args.batch_size, args.window)
+    print(f"collection engine: {bench['engine']}")
     print(f"\nthroughput: {args.windows} windows ({bench['tokens_per_round']} tokens) per round, "
           f"{args.rounds} interleaved rounds (tokens/s)")
     for name, s in bench["speeds"].items():
@@ -142,12 +188,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {name:24s}: paired median {r['paired_median']:.2f}   best {r['best']:.2f}   "
               f"cpu {r['cpu_time']:.2f}")
 
+    if args.no_memory:
+        return
     print("\npeak memory (resident set size, MB), each size in a fresh process")
     rows = []
     for n in (args.n, 10 * args.n):
         out = subprocess.run(
             [sys.executable, __file__, "--memory-only", str(n), "--batch-size", str(args.batch_size),
-             "--window", str(args.window)],
+             "--window", str(args.window)] + (["--model", args.model] if args.model else []),
             check=True, capture_output=True, text=True,
         )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
