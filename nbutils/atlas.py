@@ -107,6 +107,8 @@ class AtlasSettings:
         n_similar: similar features kept per feature.
         shown: examples per cluster tab whose context activations are stored (central first, then by act).
         before, after: tokens of stored context before and after the activating token.
+        bands, per_band: examples below the top: `per_band` tokens sampled in each of `bands` equal-width
+            activation bands of (0, max] of every neuron (`bands.collect_band_samples`); `bands=0` skips them.
     """
 
     k: int = 128
@@ -120,6 +122,8 @@ class AtlasSettings:
     shown: int = 20
     before: int = 20
     after: int = 10
+    bands: int = 10
+    per_band: int = 8
 
     def __post_init__(self) -> None:
         activations.CollectSettings(k=self.k, frac=self.frac, batch_size=self.batch_size)  # checks them
@@ -134,6 +138,8 @@ class AtlasSettings:
         check_int_range("shown", self.shown, 1, 10**6)
         check_int_range("before", self.before, 0, 10**6)
         check_int_range("after", self.after, 0, 10**6)
+        check_int_range("bands", self.bands, 0, 1000, what="(0: no band samples)")
+        check_int_range("per_band", self.per_band, 1, 100_000)
 
 
 @dataclass
@@ -532,6 +538,55 @@ def similar_table(model: Any, windows: Tensor, features: pd.DataFrame, vectors: 
     return pairs[columns].sort_values(["layer", "neuron", "cluster", "rank"]).reset_index(drop=True)
 
 
+@torch.inference_mode()
+def _context_rows(model: Any, windows: Tensor, rows: pd.DataFrame, before: int, after: int, batch_size: int
+                  ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The activation of neuron (`layer`, `neuron`) on tokens `pos - before .. pos + after` of each row's window,
+    from one pass over the windows the rows come from. Returns (start `[n]`, one float32 array per row)."""
+    n_pos = windows.shape[1]
+    wid, pos, layer, neuron = (rows[c].to_numpy(np.int64) for c in ("window", "pos", "layer", "neuron"))
+    start, stop = np.maximum(pos - before, 0), np.minimum(pos + after + 1, n_pos)
+    acts: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(rows)
+    if len(rows) == 0:
+        return start, acts
+    layers = sorted(set(layer.tolist()))
+    names = {l: hook_name(l, "post") for l in layers}
+    device = next(model.parameters()).device
+    runs = np.unique(wid)
+    for lo in range(0, len(runs), batch_size):
+        chunk = runs[lo : lo + batch_size]
+        _, cache_ = model.run_with_cache(windows[torch.as_tensor(chunk)].to(device), names_filter=list(names.values()),
+                                         stop_at_layer=layers[-1] + 1)
+        blocks = {l: cache_[name].float().cpu().numpy() for l, name in names.items()}  # [chunk, n_pos, d_mlp] each
+        for r in np.flatnonzero(np.isin(wid, chunk)):
+            j = int(np.searchsorted(chunk, wid[r]))
+            acts[r] = blocks[int(layer[r])][j, start[r] : stop[r], neuron[r]].astype(np.float32)
+    return start, acts
+
+
+def bands_table(model: Any, windows: Tensor, top: Any, settings: AtlasSettings, *, progress: bool = False
+                ) -> pd.DataFrame:
+    """The `bands` step: `per_band` examples in each of `bands` activation bands of every neuron
+    (`bands.collect_band_samples`, a deterministic sample), with each example's token, text and the neuron's
+    activation on the tokens around it (a second pass over the windows the sample comes from).
+
+    Columns: `layer, neuron, band, window, pos, act, token, context, start, acts`.
+    """
+    from nbutils import bands as _bands
+
+    sample = _bands.collect_band_samples(model, windows, top.max_act, bands=settings.bands, per_band=settings.per_band,
+                                         batch_size=settings.batch_size, progress=progress)
+    table = sample.table.reset_index(drop=True)
+    vocab = _vocab(model)
+    wid, pos = table["window"].to_numpy(np.int64), table["pos"].to_numpy(np.int64)
+    token_id = windows[torch.as_tensor(wid.copy()), torch.as_tensor(pos.copy())].numpy()
+    text = [windows[w, max(0, p - TEXT_CONTEXT + 1) : p + 1].tolist() for w, p in zip(wid, pos)]
+    start, acts = _context_rows(model, windows, table, settings.before, settings.after, settings.batch_size)
+    return table.assign(token=[vocab[t] for t in token_id],
+                        context=model.tokenizer.batch_decode(text) if len(table) else [],
+                        start=start.astype(np.int64), acts=acts)
+
+
 # --------------------------------------------------------------------------------------------------
 # The folder: atomic parquet files carrying the key, a manifest of steps
 
@@ -642,8 +697,9 @@ def _read_manifest(path: Path) -> dict | None:
     return manifest
 
 
-def _steps(layers: list[int]) -> list[str]:
-    return ["collect", *[f"layer {l} {s}" for l in layers for s in ("clusters", "features")], "similar"]
+def _steps(layers: list[int], bands: int = 0) -> list[str]:
+    return ["collect", *(["bands"] if bands else []), *[f"layer {l} {s}" for l in layers for s in ("clusters", "features")],
+            "similar"]
 
 
 def _layer_file(table: str, layer: int) -> str:
@@ -771,7 +827,7 @@ def build_atlas(
                          f"`out` folder, or remove that one to rebuild (`rm -r '{path}'`).")
     folder = _Folder(path, manifest)
     folder.save()
-    steps = _steps(layer_list)
+    steps = _steps(layer_list, settings.bands)
     bar = tqdm(total=len(steps), desc="atlas steps", unit="step", disable=not progress)
     try:
         started = time.perf_counter()
@@ -790,6 +846,12 @@ def build_atlas(
         bar.update(1)
         if top is None:
             top = _read_top(folder)
+        if settings.bands and not folder.done("bands"):
+            started = time.perf_counter()
+            folder.finish("bands", {"bands.parquet": bands_table(model, windows, top, settings, progress=progress)},
+                          time.perf_counter() - started)
+        if settings.bands:
+            bar.update(1)
         todo = [l for l in layer_list if not folder.done(f"layer {l} clusters")]
         bar.update(len(layer_list) - len(todo))
         runner = map_layers if map_layers is not None else (
@@ -946,7 +1008,7 @@ class Atlas:
             raise FileNotFoundError(f"No atlas at {folder} (no manifest.json). Build one with "
                                     "`atlas.build_atlas(model, windows, out=...)` or `python -m nbutils atlas build`.")
         f = _Folder(folder, manifest)
-        missing = [s for s in _steps(manifest["layers"]) if not f.done(s)]
+        missing = [s for s in _steps(manifest["layers"], manifest["settings"].get("bands", 0)) if not f.done(s)]
         if missing or manifest.get("status") != "complete":
             raise CacheError(f"The atlas at {folder} is unfinished (next step: {missing[0] if missing else 'none'}). "
                              "Run the same build again to resume it.")
@@ -971,7 +1033,8 @@ class Atlas:
             con.execute("SET threads TO 2")
             for table in ("neurons", "examples", "contexts", "features"):
                 con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{self._glob(table)}')")
-            for table in ("similar", "windows", "vocab"):  # "similar" is also a SQL keyword: quote it in queries
+            tables = ("similar", "windows", "vocab") + (("bands",) if self.settings.bands else ())
+            for table in tables:  # "similar" is also a SQL keyword: quote it in queries
                 file = str(self.path / f"{table}.parquet").replace("'", "''")
                 con.execute(f'CREATE VIEW "{table}" AS SELECT * FROM read_parquet(\'{file}\')')
             self._con = con
@@ -1075,6 +1138,20 @@ class Atlas:
         """One neuron's `contexts` rows (the shown examples' activations around the activating token)."""
         layer, neuron = self._check_layer(layer), self._check_neuron(neuron)
         return self.sql("SELECT \"window\", pos, start, acts FROM contexts WHERE layer = ? AND neuron = ?", [layer, neuron])
+
+    def band_examples(self, layer: int, neuron: int, band: int | None = None) -> pd.DataFrame:
+        """One neuron's sampled examples below the top (`bands` table), highest band first; one band or all.
+        Empty when the atlas was built with `bands=0`."""
+        layer, neuron = self._check_layer(layer), self._check_neuron(neuron)
+        if not self.settings.bands:
+            return pd.DataFrame(columns=["layer", "neuron", "band", "window", "pos", "act", "token", "context", "start",
+                                         "acts"])
+        if band is None:
+            return self.sql("SELECT * FROM bands WHERE layer = ? AND neuron = ? ORDER BY band DESC, act DESC",
+                            [layer, neuron])
+        band = check_int_range("band", band, 0, self.settings.bands - 1, what="(the atlas's bands)")
+        return self.sql("SELECT * FROM bands WHERE layer = ? AND neuron = ? AND band = ? ORDER BY act DESC",
+                        [layer, neuron, band])
 
     def similar_to(self, layer: int, neuron: int, cluster: int | None = None) -> pd.DataFrame:
         """Similar features of one neuron's features (one cluster, or all), most similar first."""

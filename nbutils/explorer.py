@@ -51,6 +51,7 @@ __all__ = [
     "on_threshold",
     "on_mode",
     "on_tab",
+    "on_band",
     "threshold_range",
     "examples_html",
     "POLYSEMANTIC_MIN",
@@ -86,6 +87,7 @@ class ExplorerState:
         labels: cluster labels `[n_examples]` of the current neuron under the current setting.
         central: index of each cluster's central example `[n_clusters]`.
         message: the line shown instead of the map and tabs when there is nothing to show (dead neuron), else "".
+        band: -1 for the top examples in their clusters, else the activation band whose sampled examples are listed.
     """
 
     layer: int
@@ -98,6 +100,7 @@ class ExplorerState:
     labels: Int[np.ndarray, "n_examples"] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     central: Int[np.ndarray, "n_examples_or_clusters"] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     message: str = ""
+    band: int = -1
 
 
 @dataclass
@@ -192,6 +195,12 @@ class Explorer:
                                               readout_format=".2f", layout=w.Layout(width="320px"))
         self.mode_toggle = w.ToggleButtons(options=list(MODES), value="activation", description="colour by",
                                            style={"button_width": "90px"})
+        n_bands = s.bands
+        self.band_picker = w.Dropdown(
+            options=[("top examples, by cluster", -1)] + [
+                (f"band {b}: {100 * b // n_bands}-{100 * (b + 1) // n_bands}% of max", b) for b in reversed(range(n_bands))],
+            value=-1, description="examples", disabled=n_bands == 0, layout=w.Layout(width="300px"),
+            style={"description_width": "65px"})
         self.summary = w.HTML()
         self.history_line = w.HTML()
         self.image = w.Image(format="png", layout=w.Layout(width="480px"))
@@ -200,10 +209,10 @@ class Explorer:
         for widget, name in [(self.random_button, "ne-random"), (self.back_button, "ne-back"),
                              (self.summary, "ne-summary"), (self.tabs, "ne-tabs"), (self.image, "ne-umap"),
                              (self.history_line, "ne-history"), (self.layer_picker, "ne-layer"),
-                             (self.neuron_picker, "ne-neuron")]:
+                             (self.neuron_picker, "ne-neuron"), (self.band_picker, "ne-band")]:
             widget.add_class(name)  # stable hooks for the browser test
         self.widget = w.VBox([
-            w.HBox([self.layer_picker, self.neuron_picker, self.random_button, self.back_button]),
+            w.HBox([self.layer_picker, self.neuron_picker, self.random_button, self.back_button, self.band_picker]),
             w.HBox([self.method_picker, self.threshold_slider, self.mode_toggle]),
             self.summary, self.history_line, self.body,
         ])
@@ -224,6 +233,7 @@ class Explorer:
         observe(self.method_picker, on_method)
         observe(self.threshold_slider, on_threshold)
         observe(self.mode_toggle, on_mode)
+        observe(self.band_picker, on_band)
         self.tabs.observe(lambda change: None if self._syncing else on_tab(self, change["new"]), names="selected_index")
         self.random_button.on_click(lambda _: on_random(self))
         self.back_button.on_click(lambda _: on_back(self))
@@ -447,6 +457,16 @@ def on_mode(ex: Explorer, mode: str) -> None:
     _render_tabs(ex)
 
 
+def on_band(ex: Explorer, band: int) -> None:
+    """Examples picker: -1 lists the top examples by cluster; a band lists the neuron's sampled examples whose
+    activation lies in that band of (0, max] (read from the atlas), highest first."""
+    bands = ex.atlas.settings.bands
+    ex.state.band = check_int_range("band", band, -1, bands - 1, what="(-1: the top examples; else a band)")
+    with ex.syncing():
+        ex.band_picker.value = ex.state.band
+    _render_tabs(ex)
+
+
 def on_tab(ex: Explorer, index: int | None) -> None:
     """A cluster tab was selected (importance is computed for the examples of the shown tab only)."""
     if index is None:
@@ -555,6 +575,14 @@ def _render_summary(ex: Explorer) -> None:
 def _render_tabs(ex: Explorer) -> None:
     import ipywidgets as w
 
+    if ex.state.band >= 0 and not ex.state.message:
+        rows = ex.atlas.band_examples(ex.state.layer, ex.state.neuron, ex.state.band)
+        with ex.syncing():
+            ex.tabs.children = [w.VBox([w.HTML(band_html(ex, rows, mode=ex.state.mode))])]
+            ex.tabs.titles = (f"band {ex.state.band} ({len(rows)})",)
+            ex.tabs.selected_index = 0
+        ex._groups = []
+        return
     groups = [] if ex.state.message else _tab_groups(ex.state.labels)
     children = [w.VBox() for _ in groups]
     with ex.syncing():
@@ -611,6 +639,36 @@ def examples_html(ex: Explorer, title: str, clusters: np.ndarray, *, mode: str =
     shown = f"{len(rows)} of {int(np.isin(s.labels, clusters).sum())} examples"
     intro = (f"<div><b>Cluster {html.escape(title)}</b> · {shown}, central first · tokens coloured by "
              f"{mode}{' for the outlined token' if mode == 'importance' else ''}</div>")
+    return intro + "".join(f'<div style="margin:4px 0">{p}</div>' for p in parts)
+
+
+def band_html(ex: Explorer, rows: pd.DataFrame, *, mode: str = "activation") -> str:
+    """HTML of a neuron's sampled examples in one activation band: the same view as a cluster tab (context around
+    the outlined activating token, coloured by activation or importance), highest activation first."""
+    s = ex.state
+    data = ex.neuron_data(s.layer, s.neuron)
+    top_act = float(data.row["max_act"]) if float(data.row["max_act"]) > 0 else 1.0
+    bands = ex.atlas.settings.bands
+    parts = []
+    for r in rows.head(ex.max_examples).itertuples():
+        window, pos, first, acts = int(r.window), int(r.pos), int(r.start), np.asarray(r.acts, dtype=np.float64)
+        start, stop = max(first, pos - ex.before), min(first + len(acts), pos + ex.after + 1)
+        tokens = ex.atlas.str_tokens(window)[start:stop]
+        if mode == "importance":
+            values = np.zeros(stop - start)
+            values[: pos + 1 - start] = ex.importance_of(s.layer, s.neuron, window, pos)[start : pos + 1]
+        else:
+            values = acts[start - first : stop - first]
+        head = (f'<div style="font-size:85%;color:#555">band {int(r.band)} · act {float(r.act):.2f} '
+                f'({100 * float(r.act) / top_act:.0f}% of max) · window {window}, token {pos}</div>')
+        parts.append(head + viz.tokens_html(tokens, values, kind=mode, max_value=None if mode == "importance" else top_act,
+                                            highlight=pos - start))
+    low, high = 100 * s.band // bands, 100 * (s.band + 1) // bands
+    intro = (f"<div><b>Band {s.band}</b> · activations in {low}-{high}% of the neuron's max · "
+             f"{min(len(rows), ex.max_examples)} of {len(rows)} sampled examples (a fixed random sample of the corpus's "
+             f"tokens in this band), highest first · tokens coloured by {mode}</div>")
+    if rows.empty:
+        intro += "<div><i>no token of the corpus falls in this band for this neuron</i></div>"
     return intro + "".join(f'<div style="margin:4px 0">{p}</div>' for p in parts)
 
 

@@ -47,7 +47,7 @@ def test_examples_match_the_collection_and_the_manifest_describes_the_build(buil
     assert torch.equal(built.windows, windows)
     m = built.manifest
     assert m["status"] == "complete" and m["corpus"]["n_windows"] == len(windows) and m["settings"]["k"] == K
-    assert all(step["status"] == "done" for step in m["steps"].values()) and len(m["steps"]) == 2 + 2 * 4
+    assert all(step["status"] == "done" for step in m["steps"].values()) and len(m["steps"]) == 3 + 2 * 4  # collect, bands, 2 per layer, similar
     assert {"torch", "duckdb", "transformer_lens"} <= set(m["versions"])
 
 
@@ -269,3 +269,19 @@ def test_layers_read_together_equal_each_layer_alone(model, windows, top):
             assert all(np.array_equal(a, b) for a, b in zip(left[column], right[column]))
             left, right = left.drop(columns=column), right.drop(columns=column)
         pd.testing.assert_frame_equal(left, right, check_exact=True)
+
+
+def test_band_samples_are_the_bands_module_sample_with_contexts(built, model, windows, top):
+    from nbutils import bands
+
+    stored = built.sql("SELECT * FROM bands ORDER BY layer, neuron, band DESC")
+    sample = bands.collect_band_samples(model, windows, top.max_act, bands=built.settings.bands,
+                                        per_band=built.settings.per_band, progress=False).table
+    cols = ["layer", "neuron", "band", "window", "pos"]
+    left = stored[cols].sort_values(cols).reset_index(drop=True)
+    right = sample[cols].sort_values(cols).reset_index(drop=True)
+    pd.testing.assert_frame_equal(left, right, check_dtype=False)
+    row = stored.iloc[len(stored) // 2]
+    acts = activations.neuron_activations(model, windows, int(row.layer), int(row.neuron), [int(row.window)])[0].numpy()
+    np.testing.assert_allclose(row.acts, acts[row.start : row.start + len(row.acts)], atol=1e-4)
+    assert row.token == built.vocab[int(windows[int(row.window), int(row.pos)])]

@@ -258,3 +258,27 @@ def test_explorer_bad_input(at, top, model):
         next(edited.original_model.parameters()).add_(1.0)  # same sizes, other weights
     with pytest.raises(ValueError, match="`model` must have the weights the atlas was built from"):
         explorer.Explorer(at, model=edited)
+
+
+def test_band_picker_lists_the_sampled_examples_below_the_top(ex, at, model, windows):
+    layer, neuron = ex.state.layer, ex.state.neuron
+    table = at.band_examples(layer, neuron)
+    band = int(table["band"].iloc[-1])  # the lowest band with a sample
+    ex.band_picker.value = band
+    assert ex.state.band == band and list(ex.tabs.titles) == [f"band {band} ({int((table.band == band).sum())})"]
+    html = ex.tabs.children[0].children[0].value
+    heads = re.findall(r"band (\d+) · act ([0-9.-]+) \(\d+% of max\) · window (\d+), token (\d+)", html)
+    rows = table[table.band == band].head(ex.max_examples)
+    assert [(int(w), int(p)) for _, _, w, p in heads] == list(zip(rows.window, rows.pos))
+    max_act = float(at.neuron(layer, neuron)["max_act"])
+    for _, act, w, p in heads:  # every listed activation lies in its band
+        assert band / at.settings.bands * max_act < float(act) + 0.006 and float(act) <= (band + 1) / at.settings.bands * max_act + 0.006
+    w, p = int(heads[0][2]), int(heads[0][3])
+    truth = activations.neuron_activations(model, windows, layer, neuron, [w])[0].numpy()
+    block = html.split("window")[2]
+    values = [float(v) for v in re.findall(r'title="activation ([-0-9.e+]+)"', html.split('<div style="margin:4px 0">')[1])]
+    np.testing.assert_allclose(values, truth[max(0, p - ex.before) : p + ex.after + 1], rtol=2e-3, atol=2e-3)
+    ex.band_picker.value = -1  # back to the clusters
+    assert list(ex.tabs.titles) == _expected_titles(ex.state.labels)
+    with pytest.raises(ValueError, match="`band` must be in -1.."):
+        explorer.on_band(ex, at.settings.bands)
