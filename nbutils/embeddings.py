@@ -53,7 +53,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from nbutils._validation import check_index_array, check_positive_int, check_same_length, fail
+from nbutils._validation import check_index_array, check_int_range, check_positive_int, check_same_length, fail
 from nbutils.models import check_layer, check_neuron, check_windows, hook_name, is_gated, mlp_norm
 
 __all__ = [
@@ -245,6 +245,7 @@ def pre_activations(
 
 def embed(h: Float[Tensor, "n d_in"], W_in: Float[Tensor, "d_in d_mlp"], neuron: int) -> Float[Tensor, "n d_in"]:
     """Neuron embeddings `h ⊙ W_in[:, neuron]` of vectors h already gathered (e.g. for a whole layer)."""
+    neuron = check_int_range("neuron", neuron, 0, W_in.shape[1] - 1, what="(a column of `W_in`)")
     return h * W_in[:, neuron]  # [n, d_in]
 
 
