@@ -264,7 +264,7 @@ def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], setti
                                   return_inverse=True)
         out[layer] = _Gather(ex, keys, inverse.reshape(-1), np.zeros((len(keys), model.cfg.d_model)),
                              np.full((len(ex), len(offsets)), np.nan, dtype=np.float32))
-    names = {layer: (hook_name(layer, kind), hook_name(layer, "post")) for layer in layers}
+    names = {layer: (hook_name(layer, kind, model), hook_name(layer, "post", model)) for layer in layers}
     device = next(model.parameters()).device
     bar = tqdm(total=n_windows * n_pos, unit="tok", unit_scale=True, disable=not progress, leave=False,
                desc=f"reading h of layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}")
@@ -274,7 +274,7 @@ def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], setti
                                                                                    for n in pair],
                                          stop_at_layer=max(layers) + 1)
         for layer, g in out.items():
-            H, P = cache_[names[layer][0]], cache_[names[layer][1]]  # [batch, n_pos, d_model / d_mlp]
+            H, P = (cache_[name].reshape(hi - lo, n_pos, -1) for name in names[layer])  # [batch, n_pos, d_model / d_mlp]
             a, b = np.searchsorted(g.keys, [lo * n_pos, hi * n_pos])
             k = torch.as_tensor(g.keys[a:b].copy())
             g.h[a:b] = H[k // n_pos - lo, k % n_pos].double().cpu().numpy()
@@ -454,7 +454,7 @@ def _cross_acts(model: Any, windows: Tensor, requests: pd.DataFrame, batch_size:
     wid = requests["window"].to_numpy(np.int64)
     unique, inverse = np.unique(wid, return_inverse=True)
     layers = sorted(int(l) for l in requests["layer"].unique())
-    names = [hook_name(l, "post") for l in layers]
+    names = [hook_name(l, "post", model) for l in layers]
     device = next(model.parameters()).device
     order = np.argsort(inverse, kind="stable")
     bounds = np.searchsorted(inverse[order], np.arange(len(unique) + 1))
@@ -468,7 +468,7 @@ def _cross_acts(model: Any, windows: Tensor, requests: pd.DataFrame, batch_size:
         local = torch.as_tensor(inverse)[rows] - lo
         for l, name in zip(layers, names):
             sel = layer[rows] == l
-            block = acts[name]  # [chunk, pos, d_mlp]
+            block = acts[name].reshape(len(chunk), windows.shape[1], -1)  # [chunk, pos, d_mlp]
             values[rows[sel].numpy()] = block[local[sel], pos[rows][sel], neuron[rows][sel]].float().cpu().numpy()
     return values
 
@@ -550,14 +550,15 @@ def _context_rows(model: Any, windows: Tensor, rows: pd.DataFrame, before: int, 
     if len(rows) == 0:
         return start, acts
     layers = sorted(set(layer.tolist()))
-    names = {l: hook_name(l, "post") for l in layers}
+    names = {l: hook_name(l, "post", model) for l in layers}
     device = next(model.parameters()).device
     runs = np.unique(wid)
     for lo in range(0, len(runs), batch_size):
         chunk = runs[lo : lo + batch_size]
         _, cache_ = model.run_with_cache(windows[torch.as_tensor(chunk)].to(device), names_filter=list(names.values()),
                                          stop_at_layer=layers[-1] + 1)
-        blocks = {l: cache_[name].float().cpu().numpy() for l, name in names.items()}  # [chunk, n_pos, d_mlp] each
+        blocks = {l: cache_[name].reshape(len(chunk), n_pos, -1).float().cpu().numpy()
+                  for l, name in names.items()}  # [chunk, n_pos, d_mlp] each
         for r in np.flatnonzero(np.isin(wid, chunk)):
             j = int(np.searchsorted(chunk, wid[r]))
             acts[r] = blocks[int(layer[r])][j, start[r] : stop[r], neuron[r]].astype(np.float32)

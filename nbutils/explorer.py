@@ -33,7 +33,6 @@ from torch import Tensor
 from nbutils import atlas as _atlas
 from nbutils import clustering, embeddings, viz
 from nbutils._validation import check_choice, check_int_range
-from nbutils.models import hook_name
 
 __all__ = [
     "MODES",
@@ -352,14 +351,13 @@ def _neuron_pass(
     """One forward pass over a neuron's example windows `[n, window]` (each example its own window): h at each
     example's activating position `[n, d_model]` (as `embeddings.pre_mlp_vectors` reads it) and the neuron's
     activation at every position `[n, window]`."""
-    names = [hook_name(layer, "ln_normalized" if fold_ln else "mlp_in"), hook_name(layer, "post")]
+    kinds = ("ln_normalized" if fold_ln else "mlp_in", "post")
     h_parts, act_parts = [], []
     for start in range(0, len(windows), batch_size):
-        _, cache = model.run_with_cache(windows[start : start + batch_size], names_filter=names,
-                                        stop_at_layer=layer + 1)
-        rows = torch.arange(len(cache[names[0]]))
-        h_parts.append(cache[names[0]][rows, torch.as_tensor(pos[start : start + batch_size])].float().cpu())
-        act_parts.append(cache[names[1]][:, :, neuron].float().cpu())  # [batch, window]
+        read = embeddings.mlp_hooks(model, windows[start : start + batch_size], layer, kinds)  # [batch, window, d] each
+        rows = torch.arange(len(read[kinds[0]]))
+        h_parts.append(read[kinds[0]][rows, torch.as_tensor(pos[start : start + batch_size])].float().cpu())
+        act_parts.append(read["post"][:, :, neuron].float().cpu())  # [batch, window]
     return torch.cat(h_parts), torch.cat(act_parts).numpy().astype(np.float64)
 
 
