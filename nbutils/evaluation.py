@@ -1,9 +1,21 @@
-"""Ground truth for the clustering: planted features, method comparison, space comparison, threshold sweep.
+"""How well the clustering recovers what a neuron reads: ground truth, method choice, spaces, sweeps.
 
-`clustering` clusters; this module measures how well it does. Planted features (`make_planted_features`) are
-synthetic examples of one neuron drawn from known features; `compare_methods` scores every method and
-threshold on them by the adjusted Rand index. On a real model, `threshold_sweep` shows how the clusters of a
-whole layer change with the threshold and `compare_spaces` clusters the same examples in three spaces.
+`clustering` clusters; this module measures it.
+
+- Planted features (`make_planted_features`): synthetic examples of one neuron drawn from known features
+  that share a common direction, with noise, outliers, unequal sizes and unequal strengths.
+  `compare_methods` scores every method and threshold on one generator by the adjusted Rand index (ARI).
+- Generator families (`FAMILIES`, `score_families`): five generators that differ in noise, shared
+  component, spread of feature scales, outliers, dimension and cluster sizes, each with 1 to 6 features.
+  `family_summary` scores a setting per family against `TARGET`; `leave_one_family_out` chooses the default
+  without one family and scores it on that family.
+- Virtual neurons (`make_virtual_neurons`, `collect_virtual_examples`, `score_virtual_neurons`): ground truth
+  on the model's real activations. A virtual neuron reads 2-4 monosemantic neurons of a layer; each of its
+  top examples is labelled by the source that drives it most, and clusters in three spaces (`SPACES`) are
+  scored against those labels (ARI, homogeneity, completeness, V-measure) beside a nearest-neighbour vote.
+  `virtual_family_scores` turns them into a sixth family.
+- A real model without ground truth: `threshold_sweep` (how a layer's clusters change with the threshold)
+  and `compare_spaces` (the same examples clustered in three spaces, scored against tokens).
 """
 
 from __future__ import annotations
@@ -15,13 +27,31 @@ import numpy as np
 import pandas as pd
 
 from nbutils import clustering
-from nbutils._validation import check_choice, check_float_range, check_int_range
+from nbutils._validation import check_choice, check_float_range, check_int_range, fail
 
 __all__ = [
     "PlantedFeatures",
     "make_planted_features",
     "DEFAULT_GRID",
     "compare_methods",
+    "Family",
+    "FAMILIES",
+    "MAX_FEATURES",
+    "WHOLE_SHARE",
+    "TARGET",
+    "family_draws",
+    "score_labels",
+    "score_families",
+    "family_summary",
+    "choose_default",
+    "leave_one_family_out",
+    "MONOSEMANTIC_CLUSTERS",
+    "AMBIGUOUS",
+    "VirtualNeurons",
+    "make_virtual_neurons",
+    "collect_virtual_examples",
+    "score_virtual_neurons",
+    "virtual_family_scores",
     "threshold_sweep",
     "SPACES",
     "compare_spaces",
@@ -60,6 +90,8 @@ def make_planted_features(
     noise: float = 0.5,
     outlier_frac: float = 0.05,
     min_size: int = 5,
+    concentration: float = 2.0,
+    feature_scales: tuple[float, float] = (1.0, 1.0),
     seed: int | None = 0,
 ) -> PlantedFeatures:
     """Draw a neuron's examples from planted features that share a common direction (like `make_blobs`).
@@ -69,7 +101,9 @@ def make_planted_features(
     An example of feature k is `r (c_k + noise g)` with `g ~ N(0, I_d / d)` (norm about 1) and a random
     positive scale `r`; so two examples of one feature have cosine about `1 / (1 + noise^2)` and of two
     features about `shared / (1 + noise^2)`. Outliers use a fresh direction in place of `f_k`. Feature
-    sizes are unequal (Dirichlet), each at least `min_size`.
+    sizes are unequal (Dirichlet with `concentration`; small values give very unequal sizes), each at
+    least `min_size`. With `feature_scales=(lo, hi)` feature k's centre is scaled by `a_k`, log-uniform in
+    `[lo, hi]`, while the noise is not: weak features are noisier (`1 / (1 + noise^2 / a_k^2)` within).
 
     Args:
         n: examples; d: dimension (`d >= n_features + 2` so the directions fit, plus outliers).
@@ -78,6 +112,8 @@ def make_planted_features(
         noise: within-feature noise norm relative to the centre, >= 0.
         outlier_frac: share of examples that are outliers, in [0, 0.5].
         min_size: smallest feature size.
+        concentration: Dirichlet concentration of the feature sizes (> 0).
+        feature_scales: range `(lo, hi)` of the features' scales, `0 < lo <= hi`.
         seed: random seed.
 
     Returns:
@@ -88,6 +124,10 @@ def make_planted_features(
     noise = check_float_range("noise", noise, 0.0, 100.0)
     outlier_frac = check_float_range("outlier_frac", outlier_frac, 0.0, 0.5)
     min_size = check_int_range("min_size", min_size, 1, 10_000)
+    concentration = check_float_range("concentration", concentration, 0.0, 1000.0, low_open=True)
+    lo, hi = (check_float_range("feature_scales", v, 0.0, 1000.0, low_open=True) for v in feature_scales)
+    if lo > hi:
+        fail("feature_scales", "be a range (lo, hi) with lo <= hi", feature_scales)
     n_outliers = int(round(outlier_frac * n))
     n = check_int_range("n", n, n_features * min_size + n_outliers, 1_000_000,
                         what=f"(n_features * min_size + outliers)")
@@ -98,7 +138,7 @@ def make_planted_features(
     s, f, o = basis[:, 0], basis[:, 1 : 1 + n_features], basis[:, 1 + n_features :]
     centres = np.sqrt(shared) * s[:, None] + np.sqrt(1 - shared) * f  # [d, n_features]
     spare = n - n_outliers - n_features * min_size
-    extra = rng.multinomial(spare, rng.dirichlet(np.full(n_features, 2.0)))
+    extra = rng.multinomial(spare, rng.dirichlet(np.full(n_features, concentration)))
     sizes = min_size + extra  # [n_features]
     labels = np.repeat(np.arange(n_features), sizes)
     mean = centres[:, labels].T  # [n - n_outliers, d]
@@ -106,11 +146,15 @@ def make_planted_features(
         out_centres = (np.sqrt(shared) * s[:, None] + np.sqrt(1 - shared) * o[:, :n_outliers]).T  # [n_outliers, d]
         mean = np.vstack([mean, out_centres])
         labels = np.concatenate([labels, n_features + np.arange(n_outliers)])
-    x = mean + noise * rng.standard_normal((n, d)) / np.sqrt(d)  # [n, d]
-    x *= rng.lognormal(0.0, 0.3, size=(n, 1))
+    g = noise * rng.standard_normal((n, d)) / np.sqrt(d)  # [n, d]
+    r = rng.lognormal(0.0, 0.3, size=(n, 1))  # [n, 1] example scales (cosine does not see them)
     perm = rng.permutation(n)
+    a = np.ones(n)  # [n] feature scale of each example (outliers 1)
+    if (lo, hi) != (1.0, 1.0):
+        a[labels < n_features] = np.exp(rng.uniform(np.log(lo), np.log(hi), n_features))[labels[labels < n_features]]
+    x = (a[:, None] * mean + g) * r  # [n, d]
     settings = dict(n=n, d=d, n_features=n_features, shared=shared, noise=noise, outlier_frac=outlier_frac,
-                    min_size=min_size, seed=seed)
+                    min_size=min_size, concentration=concentration, feature_scales=(lo, hi), seed=seed)
     return PlantedFeatures(e=x[perm], labels=labels[perm], n_features=n_features,
                            is_outlier=(labels >= n_features)[perm], settings=settings)
 
@@ -129,6 +173,7 @@ def _random_settings(rng: np.random.Generator, n_features: tuple[int, int], nois
 
 DEFAULT_GRID: dict[str, list[float]] = {
     "adaptive": [0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9],
+    "local": [0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9],
     "agglomerative": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
     "threshold": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
     "hdbscan": [2, 3, 5, 8],
@@ -179,6 +224,474 @@ def compare_methods(
                                  ari=adjusted_rand_score(planted.labels, labels),
                                  n_clusters=int(labels.max()) + 1, **kw))
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Generator families: a default that holds on data it was not tuned on
+
+
+@dataclass(frozen=True)
+class Family:
+    """Ranges of one generator family of planted features; a draw picks each setting in its range.
+
+    Attributes:
+        name: short name.
+        n: range of the number of examples (at most `max_size` per feature plus outliers).
+        d: range of the dimension (log-uniform).
+        noise: range of the within-feature noise (`make_planted_features`).
+        shared: range of the cosine between feature centres.
+        outlier_frac: range of the share of outliers.
+        feature_scales: range of the features' scales (`make_planted_features`).
+        concentration: Dirichlet concentration of the feature sizes (small: imbalanced).
+        min_size, max_size: smallest feature size; largest mean feature size (`n <= max_size * n_features`).
+    """
+
+    name: str
+    n: tuple[int, int] = (64, 256)
+    d: tuple[int, int] = (64, 128)
+    noise: tuple[float, float] = (0.2, 0.6)
+    shared: tuple[float, float] = (0.2, 0.5)
+    outlier_frac: tuple[float, float] = (0.0, 0.05)
+    feature_scales: tuple[float, float] = (1.0, 1.0)
+    concentration: float = 2.0
+    min_size: int = 5
+    max_size: int = 200
+
+    def settings(self, rng: np.random.Generator, n_features: int) -> dict:
+        """One draw of `make_planted_features` arguments with `n_features` features."""
+        low = max(self.n[0], n_features * self.min_size + int(np.ceil(self.outlier_frac[1] * self.n[1])) + 1)
+        high = max(low, min(self.n[1], self.max_size * n_features))
+        n = int(rng.integers(low, high + 1))
+        d = int(round(np.exp(rng.uniform(np.log(self.d[0]), np.log(self.d[1])))))
+        return dict(n=n, d=d, n_features=n_features, noise=float(rng.uniform(*self.noise)),
+                    shared=float(rng.uniform(*self.shared)), outlier_frac=float(rng.uniform(*self.outlier_frac)),
+                    feature_scales=self.feature_scales, concentration=self.concentration, min_size=self.min_size)
+
+
+# Families that differ in noise, shared component, spread of scales, outliers, dimension and cluster sizes.
+FAMILIES: tuple[Family, ...] = (
+    Family("moderate"),
+    Family("noisy", n=(128, 384), d=(64, 256), noise=(0.6, 0.9), shared=(0.3, 0.6), outlier_frac=(0.0, 0.1)),
+    Family("wide", n=(128, 512), d=(512, 2048), noise=(0.2, 0.9), shared=(0.0, 0.6)),
+    Family("imbalanced", n=(100, 600), d=(64, 256), noise=(0.3, 0.8), shared=(0.2, 0.6),
+           outlier_frac=(0.05, 0.1), concentration=0.3, min_size=3),
+    Family("scales", n=(128, 384), d=(64, 256), noise=(0.3, 0.7), shared=(0.0, 0.6), outlier_frac=(0.0, 0.1),
+           feature_scales=(0.5, 2.0)),
+)
+MAX_FEATURES = 6  # draws have 1..MAX_FEATURES features
+WHOLE_SHARE = 0.95  # a single feature is whole when this share of its members is in one cluster
+
+
+def family_draws(family: Family, n_draws: int, *, seed: int = 0) -> list[PlantedFeatures]:
+    """`n_draws` planted draws of one family; draw i has `i % MAX_FEATURES + 1` features (so one draw in
+    six is a single, monosemantic feature)."""
+    n_draws = check_int_range("n_draws", n_draws, 1, 100_000)
+    rng = np.random.default_rng([seed, *map(ord, family.name)])
+    draws = []
+    for i in range(n_draws):
+        kw = family.settings(rng, i % MAX_FEATURES + 1)
+        draws.append(make_planted_features(**kw, seed=int(rng.integers(2**31))))
+    return draws
+
+
+def score_labels(truth: Any, labels: Any, keep: Any = None) -> dict:
+    """Scores of predicted clusters against true labels on the examples `keep` (default all).
+
+    Returns a dict: `ari` (adjusted Rand index), `homogeneity`, `completeness`, `v_measure` and `whole`
+    (share of the largest true group's members that sit in one cluster).
+    """
+    from sklearn.metrics import adjusted_rand_score, homogeneity_completeness_v_measure
+
+    truth, labels = np.asarray(truth), np.asarray(labels)
+    if keep is not None:
+        truth, labels = truth[np.asarray(keep)], labels[np.asarray(keep)]
+    hom, com, v = homogeneity_completeness_v_measure(truth, labels)
+    main = truth == np.bincount(truth).argmax()  # members of the largest true group
+    whole = np.bincount(labels[main]).max() / main.sum() if main.any() else float("nan")
+    return dict(ari=adjusted_rand_score(truth, labels), homogeneity=hom, completeness=com, v_measure=v,
+                whole=float(whole))
+
+
+def _grid_rows(e: np.ndarray, truth: np.ndarray, grid: dict[str, list[float]]) -> list[dict]:
+    """Cluster one case with every (method, threshold) of `grid` (the similarity computed once) and score it."""
+    sim = clustering.cosine_similarity(e)
+    rows = []
+    for method, thresholds in grid.items():
+        for t in thresholds:
+            labels = clustering._labels_from_similarity(sim, method, clustering._check_threshold(method, t))
+            rows.append(dict(method=method, threshold=t, n_clusters=int(labels.max()) + 1,
+                             **score_labels(truth, labels)))
+    return rows
+
+
+def score_families(
+    grid: dict[str, list[float]] | None = None,
+    *,
+    families: tuple[Family, ...] = FAMILIES,
+    n_draws: int = 36,
+    seed: int = 0,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Score every (method, threshold) of `grid` on `n_draws` draws of every family.
+
+    Returns:
+        DataFrame, one row per (family, draw, method, threshold): `family, draw, n_features, method,
+        threshold, n_clusters, ari, homogeneity, completeness, v_measure, whole` (`score_labels`; outliers
+        count as their own labels).
+    """
+    from threadpoolctl import threadpool_limits
+    from tqdm.auto import tqdm
+
+    grid = _check_grid(grid)
+    rows = []
+    with threadpool_limits(1):
+        for family in families:
+            for draw, p in enumerate(tqdm(family_draws(family, n_draws, seed=seed), desc=family.name,
+                                          disable=not progress)):
+                for row in _grid_rows(p.e, p.labels, grid):
+                    rows.append(dict(family=family.name, draw=draw, n_features=p.n_features, **row))
+    return pd.DataFrame(rows)
+
+
+def _check_grid(grid: dict[str, list[float]] | None) -> dict[str, list[float]]:
+    grid = DEFAULT_GRID if grid is None else grid
+    for method, thresholds in grid.items():
+        check_choice("method", method, clustering.METHODS)
+        for t in thresholds:
+            clustering._check_threshold(method, t)
+    return grid
+
+
+TARGET = dict(mean_ari=0.95, worst_ari=0.75, single_whole=0.90)  # the bar every family must clear
+
+
+def family_summary(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per (family, method, threshold): `mean_ari` and `worst_ari` over draws with 2 or more features,
+    `single_whole` (share of single-feature draws whose feature is whole, `WHOLE_SHARE`), `score` (the mean
+    of `mean_ari` and `single_whole`) and `meets_target` (`TARGET`)."""
+    keys = ["family", "method", "threshold"]
+    multi = scores[scores.n_features >= 2].groupby(keys).ari.agg(mean_ari="mean", worst_ari="min")
+    single = scores[scores.n_features == 1].groupby(keys).whole.apply(lambda w: (w >= WHOLE_SHARE).mean())
+    out = multi.join(single.rename("single_whole"), how="outer")
+    out["score"] = out[["mean_ari", "single_whole"]].mean(axis=1)
+    out["meets_target"] = ((out.mean_ari >= TARGET["mean_ari"]) & (out.worst_ari >= TARGET["worst_ari"])
+                           & (out.single_whole.fillna(1.0) >= TARGET["single_whole"]))
+    return out.reset_index()
+
+
+def choose_default(summary: pd.DataFrame) -> tuple[str, float]:
+    """The (method, threshold) that meets `TARGET` on the most families of `summary` (`family_summary`),
+    ties broken by the highest worst-family `score`."""
+    per_setting = summary.groupby(["method", "threshold"]).agg(met=("meets_target", "sum"), worst=("score", "min"))
+    return per_setting.sort_values(["met", "worst"], ascending=False, kind="stable").index[0]
+
+
+def leave_one_family_out(scores: pd.DataFrame) -> pd.DataFrame:
+    """Choose the default on all families but one (`choose_default`) and score it on the one held out.
+
+    Args:
+        scores: `score_families` rows, possibly with more families appended (e.g. `virtual_family_scores`).
+
+    Returns:
+        DataFrame, one row per held-out family: `held_out, method, threshold` (chosen without it),
+        `mean_ari, worst_ari, single_whole, meets_target` on the held-out family.
+    """
+    summary = family_summary(scores)
+    rows = []
+    for family in summary.family.unique():
+        method, t = choose_default(summary[summary.family != family])
+        held = summary[(summary.family == family) & (summary.method == method) & (summary.threshold == t)].iloc[0]
+        rows.append(dict(held_out=family, method=method, threshold=t, mean_ari=held.mean_ari,
+                         worst_ari=held.worst_ari, single_whole=held.single_whole, meets_target=held.meets_target))
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Virtual polysemantic neurons: ground truth on the model's own activations
+
+
+MONOSEMANTIC_CLUSTERS = 1.2  # a source neuron has at most this many effective clusters
+AMBIGUOUS = 0.9  # an example is ambiguous when its second source contributes >= this share of the first
+
+
+@dataclass(frozen=True)
+class VirtualNeurons:
+    """Virtual polysemantic neurons of one layer, each reading 2-4 monosemantic source neurons.
+
+    Virtual neuron v reads its sources i with `w_v = sum_i w_i / s_i` and `b_v = sum_i b_i / s_i`, where `s_i` is
+    source i's largest pre-activation over the corpus (at its own top example each source adds 1): a
+    neuron in superposition made from real neurons, on the model's real `h`. Weights are in the folded
+    LayerNorm convention (`embeddings.mlp_in_weights`).
+
+    Attributes:
+        layer: the MLP layer.
+        sources: DataFrame, one row per (virtual neuron, source): `virtual, neuron, scale, token` (the
+            source's most common activating token id).
+        source_W: `[d_model, n_rows]` float64, `w_i / s_i` of each row of `sources`.
+        source_b: `[n_rows]` float64, `b_i / s_i`.
+    """
+
+    layer: int
+    sources: pd.DataFrame
+    source_W: np.ndarray
+    source_b: np.ndarray
+
+    @property
+    def n_virtual(self) -> int:
+        return int(self.sources.virtual.max()) + 1 if len(self.sources) else 0
+
+    @property
+    def W(self) -> np.ndarray:
+        """`[d_model, n_virtual]` input weights of the virtual neurons."""
+        W = np.zeros((self.source_W.shape[0], self.n_virtual))
+        np.add.at(W.T, self.sources.virtual.to_numpy(), self.source_W.T)
+        return W
+
+    @property
+    def b(self) -> np.ndarray:
+        """`[n_virtual]` biases of the virtual neurons."""
+        return np.bincount(self.sources.virtual.to_numpy(), weights=self.source_b, minlength=self.n_virtual)
+
+
+def make_virtual_neurons(
+    model: Any,
+    windows: Any,
+    top: Any,
+    layer: int,
+    n_virtual: int = 100,
+    *,
+    n_sources: tuple[int, int] = (2, 4),
+    min_examples: int = 10,
+    seed: int = 0,
+    examples: clustering.LayerExamples | None = None,
+    table: pd.DataFrame | None = None,
+) -> VirtualNeurons:
+    """Pick monosemantic source neurons of one layer and combine them into virtual neurons.
+
+    Sources are live neurons with at least `min_examples` examples and at most `MONOSEMANTIC_CLUSTERS`
+    effective clusters (default clustering). The sources of one virtual neuron have different most common
+    activating tokens and no example window in common. Virtual neuron v has `n_sources[0] + v % (span)`
+    sources, so the counts 2, 3, 4 take turns; sources may serve several virtual neurons.
+
+    Args:
+        model, windows, top, layer: as in `clustering.polysemy_table`.
+        n_virtual: virtual neurons to make (fewer when the layer has too few compatible sources).
+        n_sources: inclusive range of sources per virtual neuron, within 2..8.
+        min_examples: fewest examples of a source.
+        seed: random seed of the choice.
+        examples, table: this layer's `clustering.layer_examples` and `clustering.polysemy_table`, if at hand.
+
+    Raises:
+        ValueError: a gated MLP (its neuron is not one weight vector), or fewer than two compatible sources.
+    """
+    from nbutils.models import check_layer, is_gated
+
+    layer = check_layer(model, layer)
+    if is_gated(model):
+        fail("model", "have a plain MLP for virtual neurons (one input weight vector per neuron)", "a gated MLP")
+    n_virtual = check_int_range("n_virtual", n_virtual, 1, 100_000)
+    lo = check_int_range("n_sources", n_sources[0], 2, 8)
+    hi = check_int_range("n_sources", n_sources[1], lo, 8)
+    lx = examples if examples is not None else clustering.layer_examples(model, windows, top, layer)
+    table = table if table is not None else clustering.polysemy_table(model, windows, top, layer, examples=lx)
+    mono = table[~table.dead & (table.n_examples >= min_examples) & (table.effective_clusters > 0)
+                 & (table.effective_clusters <= MONOSEMANTIC_CLUSTERS)].neuron.to_numpy()
+    window_col, pos_col, tokens = lx.examples.window.to_numpy(), lx.examples.pos.to_numpy(), windows.numpy()
+    info = {}  # neuron -> (example windows, most common token, scale)
+    for j in mono:
+        rows = slice(lx.bounds[j], lx.bounds[j + 1])
+        scale = float(lx.h[lx.rows(j)[0]] @ lx.W[:, j] + lx.b[j])  # pre-activation at its top example
+        if scale > 0:
+            info[j] = (set(window_col[rows].tolist()), int(np.bincount(tokens[window_col[rows], pos_col[rows]]).argmax()),
+                       scale)
+    rng = np.random.default_rng([seed, layer])
+    candidates, rows = np.array(sorted(info)), []
+    for v in range(n_virtual):
+        m, chosen = lo + v % (hi - lo + 1), []
+        for j in rng.permutation(candidates):
+            if all(info[j][1] != info[c][1] and not info[j][0] & info[c][0] for c in chosen):
+                chosen.append(int(j))
+                if len(chosen) == m:
+                    break
+        if len(chosen) >= 2:
+            rows += [(len({r[0] for r in rows}), j, info[j][2], info[j][1]) for j in chosen]
+    if not rows:
+        fail("layer", "have at least two monosemantic neurons with different tokens and windows",
+             f"{len(info)} monosemantic neurons in layer {layer}", "Collect over more windows.")
+    sources = pd.DataFrame(rows, columns=["virtual", "neuron", "scale", "token"])
+    scale = sources.scale.to_numpy()
+    return VirtualNeurons(layer=layer, sources=sources, source_W=lx.W[:, sources.neuron.to_numpy()] / scale,
+                          source_b=lx.b[sources.neuron.to_numpy()] / scale)
+
+
+def collect_virtual_examples(
+    model: Any,
+    windows: Any,
+    virtual: list[VirtualNeurons],
+    *,
+    k: int = 128,
+    frac: float = 0.75,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Top examples of the virtual neurons of several layers in one streaming pass over `windows`.
+
+    Per batch, h of each layer is read once and the pre-activations of all its virtual neurons are one
+    product `h @ W + b` `[batch, pos, n_virtual]`; the running top-k merges as in
+    `activations.collect_top_activations` (memory O(n_virtual x k), whatever the corpus size).
+
+    Returns:
+        DataFrame `layer, virtual, window, pos, act` (act: the model's activation function of the
+        pre-activation), sorted by layer, virtual, act desc; an example per (virtual neuron, window), kept
+        when `act >= frac * max`.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from nbutils.activations import _empty_state, _merge_topk, _order_key, _sorted_state
+    from nbutils.models import check_windows, hook_name
+
+    windows = check_windows(model, windows)
+    k = check_int_range("k", k, 1, 100_000)
+    frac = check_float_range("frac", frac, 0.0, 1.0, low_open=True)
+    if len({v.layer for v in virtual}) != len(virtual):
+        fail("virtual", "hold one VirtualNeurons per layer", [v.layer for v in virtual])
+    names = [hook_name(v.layer, "ln_normalized", model) for v in virtual]
+    weights = [(torch.tensor(v.W, dtype=torch.float32), torch.tensor(v.b, dtype=torch.float32)) for v in virtual]
+    total = sum(v.n_virtual for v in virtual)
+    state = _empty_state(total, k, "cpu")
+    stop = max(v.layer for v in virtual) + 1
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(windows), batch_size), desc="virtual neurons", disable=not progress):
+            batch = windows[start : start + batch_size]  # [batch, window]
+            _, cache = model.run_with_cache(batch, names_filter=names, stop_at_layer=stop)
+            best = [(cache[name].float().cpu() @ W + b).max(dim=1) for name, (W, b) in zip(names, weights)]
+            pre = torch.cat([m.values for m in best], dim=1).T.contiguous()  # [total, batch]
+            pos = torch.cat([m.indices for m in best], dim=1).T.to(torch.int32)  # [total, batch]
+            ids = torch.arange(start, start + batch.shape[0]).expand_as(pre)
+            state = _merge_topk(state, (_order_key(pre, ids), pos.contiguous()), k)
+    pre, window, pos = (t[0].numpy() for t in _sorted_state(*state, 1))  # [total, k] each
+    act = clustering.mlp_activation(model, np.where(window >= 0, pre, 0.0))  # [total, k]
+    top = np.where(window >= 0, act, -np.inf).max(axis=1, keepdims=True)
+    keep = (window >= 0) & (top > 0) & (act >= frac * top)
+    layer = np.repeat([v.layer for v in virtual], [v.n_virtual for v in virtual])  # [total]
+    vid = np.concatenate([np.arange(v.n_virtual) for v in virtual])  # [total]
+    row, col = np.nonzero(keep)
+    return pd.DataFrame({"layer": layer[row], "virtual": vid[row], "window": window[row, col],
+                         "pos": pos[row, col], "act": act[row, col]})
+
+
+def _knn_accuracy(sim: np.ndarray, truth: np.ndarray, neighbours: int) -> float:
+    """Share of examples whose `neighbours` most similar others hold their label most often."""
+    n = len(truth)
+    if n < 2:
+        return float("nan")
+    kk = min(neighbours, n - 1)
+    others = sim - 3.0 * np.eye(n)
+    nearest = np.argsort(-others, axis=1, kind="stable")[:, :kk]  # [n, kk]
+    votes = np.zeros((n, truth.max() + 1))
+    np.add.at(votes, (np.repeat(np.arange(n), kk), truth[nearest].reshape(-1)), 1.0)
+    return float((votes.argmax(axis=1) == truth).mean())
+
+
+def score_virtual_neurons(
+    model: Any,
+    windows: Any,
+    virtual: VirtualNeurons,
+    examples: pd.DataFrame,
+    grid: dict[str, list[float]] | None = None,
+    *,
+    pattern: int = 8,
+    neighbours: int = 5,
+    chunk: int = 16,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Cluster each virtual neuron's examples in three spaces (`SPACES`) and score them against the sources.
+
+    Each example is labelled by the source whose scaled pre-activation `(h . w_i + b_i) / s_i` is largest;
+    examples whose second source reaches `AMBIGUOUS` of the first are clustered but not scored. Spaces:
+    the virtual neuron embedding `h ⊙ w_v`, plain `h`, and its activation at the `pattern` positions ending
+    at the example (zero before the window starts).
+
+    Args:
+        model, windows: as in `collect_virtual_examples`.
+        virtual: one layer's virtual neurons.
+        examples: `collect_virtual_examples` rows (other layers are ignored).
+        grid: `{method: [thresholds]}`; default `{method: [default threshold]}` for every method.
+        pattern: positions in the activation pattern.
+        neighbours: neighbours of the nearest-neighbour accuracy.
+        chunk: virtual neurons whose vectors are read together (memory vs. passes over their windows).
+        progress: tqdm bar over virtual neurons.
+
+    Returns:
+        DataFrame, one row per (virtual neuron, space, method, threshold): `layer, virtual, n_sources,
+        n_examples, n_scored, n_present` (sources among the scored examples), `own_share` (mean share of
+        `|e_v|^2` in the labelled source's own term `h ⊙ w_i / s_i`; 1 / n_sources if every term weighed the
+        same), `space, method, threshold,
+        n_clusters, ari, homogeneity, completeness, v_measure, whole` (`score_labels` on the scored examples),
+        `knn_accuracy` (`neighbours`-nearest-neighbour vote in that space) and `majority` (share of the
+        commonest source: the accuracy of always guessing it).
+    """
+    from threadpoolctl import threadpool_limits
+    from tqdm.auto import tqdm
+
+    grid = _check_grid(grid if grid is not None else {m: [clustering.DEFAULT_THRESHOLDS[m]] for m in clustering.METHODS})
+    pattern = check_int_range("pattern", pattern, 1, 10_000)
+    ex = examples[examples.layer.to_numpy() == virtual.layer]
+    W, b, n_pos = virtual.W, virtual.b, windows.shape[1]
+    src = virtual.sources
+    offsets = np.arange(-pattern + 1, 1)  # [pattern]
+    rows = []
+    bar = tqdm(total=virtual.n_virtual, desc=f"layer {virtual.layer} virtual neurons", disable=not progress)
+    for first in range(0, virtual.n_virtual, chunk):
+        part = ex[(ex.virtual >= first) & (ex.virtual < first + chunk)]
+        pos = part.pos.to_numpy()[:, None] + offsets  # [n, pattern]
+        keys = part.window.to_numpy()[:, None] * n_pos + np.maximum(pos, 0)  # [n, pattern]
+        unique, inverse = np.unique(keys, return_inverse=True)
+        inverse = inverse.reshape(keys.shape)
+        h = clustering._pre_mlp_vectors(model, windows, virtual.layer, unique // n_pos, unique % n_pos,
+                                        fold_ln=True)  # [n_unique, d_model]
+        with threadpool_limits(1):
+            for v, rows_v in part.groupby("virtual").indices.items():
+                bar.update(1)
+                s = src[src.virtual == v]
+                h_v = h[inverse[rows_v, -1]]  # [n, d_model] at the examples
+                contrib = h_v @ virtual.source_W[:, s.index] + virtual.source_b[s.index]  # [n, m]
+                order = np.sort(contrib, axis=1)
+                truth, scored = contrib.argmax(axis=1), order[:, -2] < AMBIGUOUS * order[:, -1]
+                acts = clustering.mlp_activation(model, h[inverse[rows_v]] @ W[:, v] + b[v])  # [n, pattern]
+                spaces = {"embedding": h_v * W[:, v], "h": h_v, "pattern": np.where(pos[rows_v] >= 0, acts, 0.0)}
+                parts = (h_v[:, :, None] * virtual.source_W[:, s.index][None]) ** 2  # [n, d_model, m]
+                power = parts.sum(axis=1)  # [n, m] squared norm of each source's term h ⊙ w_i / s_i
+                own = power[np.arange(len(truth)), truth] / power.sum(axis=1)  # [n]
+                base = dict(layer=virtual.layer, virtual=v, n_sources=len(s), n_examples=len(rows_v),
+                            n_scored=int(scored.sum()), n_present=len(np.unique(truth[scored])),
+                            own_share=float(own[scored].mean()) if scored.any() else float("nan"))
+                if scored.sum() < 2:
+                    continue
+                t_scored = np.unique(truth[scored], return_inverse=True)[1].reshape(-1)
+                majority = np.bincount(t_scored).max() / len(t_scored)
+                for space, x in spaces.items():
+                    sim = clustering.cosine_similarity(x)
+                    knn = _knn_accuracy(sim[np.ix_(scored, scored)], t_scored, neighbours)
+                    for method, thresholds in grid.items():
+                        for t in thresholds:
+                            labels = clustering._labels_from_similarity(sim, method, clustering._check_threshold(method, t))
+                            rows.append(dict(base, space=space, method=method, threshold=t,
+                                             n_clusters=int(labels.max()) + 1,
+                                             **score_labels(truth, labels, scored), knn_accuracy=knn,
+                                             majority=majority))
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+def virtual_family_scores(scores: pd.DataFrame, *, space: str = "embedding") -> pd.DataFrame:
+    """`score_virtual_neurons` rows of one space as a generator family named "virtual" (`score_families`
+    columns; `n_features` = sources present among the scored examples), for `leave_one_family_out`."""
+    part = scores[scores.space == space]
+    out = part.assign(family="virtual", draw=part.layer * 100_000 + part.virtual, n_features=part.n_present)
+    return out[["family", "draw", "n_features", "method", "threshold", "n_clusters", "ari", "homogeneity",
+                "completeness", "v_measure", "whole"]].reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ def _two_groups() -> np.ndarray:
     )
 
 
-@pytest.mark.parametrize("method,threshold", [("threshold", 0.9), ("agglomerative", 0.9), ("adaptive", 0.7)])
+@pytest.mark.parametrize("method,threshold", [("threshold", 0.9), ("agglomerative", 0.9), ("adaptive", 0.7), ("local", 0.7)])
 def test_cluster_hand_case(method, threshold):
     labels = clustering.cluster(_two_groups(), method=method, threshold=threshold)
     assert labels.tolist() == [0, 0, 0, 1, 1, 2]  # 0 = largest, then by size, singleton last
@@ -46,6 +46,21 @@ def test_threshold_chains_through_a_bridge_but_average_linkage_does_not():
     assert clustering.cluster(e, method="threshold", threshold=0.7).max() == 0  # one component
     agg = clustering.cluster(e, method="agglomerative", threshold=0.7)
     assert agg[:5].tolist() == [agg[0]] * 5 and agg[5:10].tolist() == [agg[5]] * 5 and agg[0] != agg[5]
+
+
+def test_local_scale_keeps_a_weak_feature_beside_a_strong_one():
+    # one tight feature (within cosine ~0.94) and two loose ones (~0.5), mutually orthogonal: a cut relative
+    # to the neuron's one scale shatters the loose features; the locally scaled similarity keeps all three
+    rng = np.random.default_rng(0)
+    d = 256
+    c = np.linalg.qr(rng.standard_normal((d, 3)))[0].T
+    e = np.vstack([c[0] + 0.25 * rng.standard_normal((90, d)) / np.sqrt(d),
+                   c[1] + rng.standard_normal((30, d)) / np.sqrt(d), c[2] + rng.standard_normal((30, d)) / np.sqrt(d)])
+    assert clustering.cluster(e, method="local", threshold=0.7).tolist() == [0] * 90 + [1] * 30 + [2] * 30
+    assert clustering.cluster(e, method="adaptive", threshold=0.7).max() > 10  # loose features in pieces
+    sim = clustering.cosine_similarity(e)
+    scaled = clustering.local_similarity(sim)
+    assert np.allclose(scaled, scaled.T) and (np.diag(scaled) == 1).all() and np.abs(scaled).max() <= 1
 
 
 def test_canonical_labels_orders_by_size_then_first_member():
@@ -72,7 +87,7 @@ def test_cluster_errors():
     bad[2, 1] = np.nan
     with pytest.raises(ValueError, match="`e` must be finite; got 1 rows with NaN or inf"):
         clustering.cluster(bad)
-    with pytest.raises(ValueError, match="`method` must be one of 'adaptive', 'agglomerative', 'threshold', 'hdbscan'; got 'kmeans'"):
+    with pytest.raises(ValueError, match="`method` must be one of 'adaptive', 'local', 'agglomerative', 'threshold', 'hdbscan'; got 'kmeans'"):
         clustering.cluster(good, method="kmeans")
     with pytest.raises(ValueError, match=r"`threshold` must be in \[-1.0, 1.0\]; got 1.5"):
         clustering.cluster(good, method="threshold", threshold=1.5)
