@@ -99,6 +99,10 @@ def test_family_is_recognised(fam):
     assert models.is_gated(model) == (fam["name"] in GATED)
     assert embeddings.embedding_kind(model) == ("gate" if fam["name"] in GATED else "in")
     assert activations._forward(model, plain_hf=True).engine == "plain_hf"  # the fast path is used on every family
+    kinds = ("mlp_in", "ln_normalized", "pre", "post") + (("pre_linear",) if models.is_gated(model) else ())
+    for layer in range(model.cfg.n_layers):
+        for kind in kinds:
+            assert models.hook_name(layer, kind, model) in model.hook_dict, (layer, kind)
 
 
 def test_invariant_every_convention(fam):
@@ -113,9 +117,14 @@ def test_invariant_every_convention(fam):
                 W, b = embeddings.mlp_in_weights(model, layer, fold_ln=fold_ln, kind=kind)
                 h = embeddings.pre_mlp_vectors(model, windows, layer, wid, pos, fold_ln=fold_ln, kind=kind)
                 pre = embeddings.pre_activations(model, windows, layer, wid, pos, kind=kind)
-                e = embeddings.neuron_embeddings(model, windows, layer, 5, wid, pos, fold_ln=fold_ln, kind=kind)
-                err = max((e.sum(-1) + b[5] - pre[:, 5]).abs().max().item(), (h @ W + b - pre).abs().max().item())
-                errors[(layer, fold_ln, kind)] = err
+                errors[(layer, fold_ln, kind)] = (h @ W + b - pre).abs().max().item()  # every neuron at once
+    layer = model.cfg.n_layers - 1
+    for fold_ln in (True, False):
+        for kind in kinds:
+            _, b = embeddings.mlp_in_weights(model, layer, fold_ln=fold_ln, kind=kind)
+            pre = embeddings.pre_activations(model, windows, layer, wid, pos, kind=kind)
+            e = embeddings.neuron_embeddings(model, windows, layer, 5, wid, pos, fold_ln=fold_ln, kind=kind)
+            errors[(layer, fold_ln, kind, 5)] = (e.sum(-1) + b[5] - pre[:, 5]).abs().max().item()
     print(fam["name"], "max invariant error", f"{max(errors.values()):.1e}")
     assert max(errors.values()) <= TOL, errors
 
