@@ -70,6 +70,8 @@ def threshold_range(method: str) -> tuple[float, float, float, float]:
         return 2.0, 30.0, 1.0, default
     if method == "adaptive":  # a multiple of the neuron's own neighbour similarity
         return 0.05, 2.0, 0.05, default
+    if method == "local":  # a cut on the locally scaled similarity, in (0, 1]
+        return 0.05, 1.0, 0.05, default
     return 0.0, 1.0, 0.01, default  # a cosine similarity
 
 
