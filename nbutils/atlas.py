@@ -235,14 +235,15 @@ class _Gather:
     examples: pd.DataFrame
     keys: np.ndarray  # [n_unique] window * n_pos + pos
     inverse: np.ndarray  # [n_examples] row of h of each example
-    h: np.ndarray  # [n_unique, d_model] float64
+    h: np.ndarray  # [n_unique, d_model] float32, as the model computes it (exact in float64 products)
     context: np.ndarray  # [n_examples, before + after + 1] float32, NaN outside the window
 
 
-def _layer_bytes(top: Any, layer: int, d_model: int, width: int) -> int:
-    """Memory the pass holds for one layer: h of its examples (an upper bound: one per example) and contexts."""
+def _layer_bytes(top: Any, layer: int, d_model: int, width: int, n_tokens: int) -> int:
+    """Memory the pass holds for one layer: h of its distinct examples (float32; at most one per token of the
+    corpus) and the context activations of every example."""
     n = int(top._keep()[layer].sum())
-    return n * (8 * d_model + 4 * width)
+    return min(n, n_tokens) * 4 * d_model + n * 4 * width
 
 
 @torch.inference_mode()
@@ -262,7 +263,7 @@ def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], setti
         ex = clustering._layer_examples(top, windows, layer).reset_index(drop=True)
         keys, inverse = np.unique(ex["window"].to_numpy(np.int64) * n_pos + ex["pos"].to_numpy(np.int64),
                                   return_inverse=True)
-        out[layer] = _Gather(ex, keys, inverse.reshape(-1), np.zeros((len(keys), model.cfg.d_model)),
+        out[layer] = _Gather(ex, keys, inverse.reshape(-1), np.zeros((len(keys), model.cfg.d_model), dtype=np.float32),
                              np.full((len(ex), len(offsets)), np.nan, dtype=np.float32))
     names = {layer: (hook_name(layer, kind, model), hook_name(layer, "post", model)) for layer in layers}
     device = next(model.parameters()).device
@@ -277,7 +278,7 @@ def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], setti
             H, P = (cache_[name].reshape(hi - lo, n_pos, -1) for name in names[layer])  # [batch, n_pos, d_model / d_mlp]
             a, b = np.searchsorted(g.keys, [lo * n_pos, hi * n_pos])
             k = torch.as_tensor(g.keys[a:b].copy())
-            g.h[a:b] = H[k // n_pos - lo, k % n_pos].double().cpu().numpy()
+            g.h[a:b] = H[k // n_pos - lo, k % n_pos].float().cpu().numpy()
             wid = g.examples["window"].to_numpy(np.int64)
             rows = np.flatnonzero((wid >= lo) & (wid < hi))
             at = g.examples["pos"].to_numpy(np.int64)[rows, None] + offsets  # [rows, width]
@@ -307,7 +308,7 @@ def layers_tables(model: Any, windows: Tensor, top: Any, layers: list[int], sett
     groups: list[list[int]] = []
     used = 0
     for layer in layers:
-        need = _layer_bytes(top, layer, d_model, width)
+        need = _layer_bytes(top, layer, d_model, width, int(windows.numel()))
         if groups and used + need <= memory_budget:
             groups[-1].append(layer)
             used += need
