@@ -9,8 +9,9 @@
    alternate the two, so load from other processes hits both alike; it prints tokens/s and the paired ratio
    (Ray / in-process, median over rounds). Worker start (import, model and corpus load) is timed apart, in the
    first call, since a standing cluster pays it once. With `--atlas`, the whole atlas build is timed once each way.
-2. **Merge cost**: `activations.merge` of 2, 8 and 32 shards of GPT-2-small-shaped state (12 x 3,072 neurons,
-   k = 128, random), as the pairwise tree does it (n - 1 merges); seconds, seconds per merge, bytes per shard.
+2. **Merge cost**: merging 2, 8 and 32 shards of GPT-2-small-shaped state (12 x 3,072 neurons, k = 128, random)
+   as the pairwise tree does it (n - 1 merge tasks, each: unpack, `activations.merge`, pack), in this process;
+   seconds, seconds per merge, bytes per shard as sent between workers.
 3. **Per-token cost of GPT-2 small**: collection tokens/s of a randomly initialised GPT-2-small-shaped model
    (from a config, no download) against the default model, beside the ratio of their FLOPs per token.
 """
@@ -96,16 +97,17 @@ def _random_state(n_layers: int, d_mlp: int, k: int, shard: int, windows_per_sha
 
 def _merge_cost(n_shards: int, gen: torch.Generator) -> dict:
     """Merge `n_shards` random states pairwise as a tree, streaming (at most log2(n) + 1 states held at once)."""
-    stack: list[tuple[int, activations.TopActivations]] = []  # (level, state), a binary counter
-    seconds, merges, size = 0.0, 0, 0
+    stack: list[tuple[int, object]] = []  # (level, packed state), a binary counter
+    seconds, merges, size, packed_size = 0.0, 0, 0, 0
     for shard in range(n_shards):
-        item = (0, _random_state(12, 3072, 128, shard, 2560, gen))
+        state = _random_state(12, 3072, 128, shard, 2560, gen)
+        item = (0, scale._pack(state))  # as the shard tasks return it
         if shard == 0:
-            size = len(pickle.dumps(item[1], protocol=5))
+            size, packed_size = len(pickle.dumps(state, protocol=5)), len(pickle.dumps(item[1], protocol=5))
         while stack and stack[-1][0] == item[0]:
             level, other = stack.pop()
             start = time.perf_counter()
-            item = (level + 1, activations.merge(other, item[1]))
+            item = (level + 1, scale._merge(other, item[1]))  # what a merge task runs: unpack, merge, pack
             seconds += time.perf_counter() - start
             merges += 1
         stack.append(item)
@@ -113,10 +115,11 @@ def _merge_cost(n_shards: int, gen: torch.Generator) -> dict:
         _, b = stack.pop()
         level, a = stack.pop()
         start = time.perf_counter()
-        stack.append((level + 1, activations.merge(a, b)))
+        stack.append((level + 1, scale._merge(a, b)))
         seconds += time.perf_counter() - start
         merges += 1
-    return {"shards": n_shards, "merges": merges, "seconds": seconds, "bytes_per_shard": size}
+    return {"shards": n_shards, "merges": merges, "seconds": seconds, "bytes_per_shard": size,
+            "packed_bytes_per_shard": packed_size}
 
 
 def _gpt2_small_speed(args: argparse.Namespace, tiny, tiny_windows) -> dict:
@@ -162,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=128, help="examples per neuron")
     parser.add_argument("--shards", type=int, default=2, help="shards of the Ray collection (default 2: one per worker)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument("--overhead", action=argparse.BooleanOptionalAction, default=True, help="part 1")
     parser.add_argument("--atlas", action=argparse.BooleanOptionalAction, default=True, help="time whole atlas builds")
+    parser.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True, help="part 2")
     parser.add_argument("--gpt2", action=argparse.BooleanOptionalAction, default=True,
                         help="measure a GPT-2-small-shaped model's collection speed")
     parser.add_argument("--gpt2-windows", type=int, default=64,
@@ -174,6 +179,15 @@ def main(argv: list[str] | None = None) -> None:
     windows = data.corpus_windows(model, n_windows=args.windows, window=args.window)
     print(f"{args.windows} windows x {args.window} tokens, k {args.k}; cores {os.cpu_count()}; load average at start "
           f"{os.getloadavg()[0]:.1f}")
+    if args.overhead:
+        _part_overhead(args, model, windows)
+    if args.merge:
+        _part_merge()
+    if args.gpt2:
+        _part_gpt2(args, model, windows)
+
+
+def _part_overhead(args: argparse.Namespace, model, windows) -> None:
     start = time.perf_counter()
     session = scale.connect(num_cpus=2)
     print(f"\n1. overhead (local Ray cluster of 2 CPUs started in {time.perf_counter() - start:.1f} s)")
@@ -193,21 +207,25 @@ def main(argv: list[str] | None = None) -> None:
             print(f"    {name:22s} in-process {one:7.1f} s   Ray {two:7.1f} s")
     session.close()
 
+
+def _part_merge() -> None:
     print("\n2. merge cost: GPT-2-small-shaped state (12 x 3,072 neurons, k 128), pairwise tree of n - 1 merges")
     gen = torch.Generator().manual_seed(0)
     for n in (2, 8, 32):
         m = _merge_cost(n, gen)
         print(f"  {n:3d} shards: {m['merges']:3d} merges in {m['seconds']:6.2f} s = {m['seconds'] / m['merges']:.3f} s "
-              f"per merge; state per shard {m['bytes_per_shard'] / 1e6:.1f} MB pickled")
+              f"per merge; state per shard pickled {m['packed_bytes_per_shard'] / 1e6:.1f} MB as sent "
+              f"({m['bytes_per_shard'] / 1e6:.1f} MB as a TopActivations)")
 
-    if args.gpt2:
-        g = _gpt2_small_speed(args, model, windows)
-        print(f"\n3. per-token cost, collection in one process with 2 threads (time of 2n minus n windows; n = "
-              f"{args.gpt2_windows} for GPT-2 small, {8 * args.gpt2_windows} for the default model)")
-        print(f"  default model    {g['default']:9,.0f} tokens/s   {g['default_flops'] / 1e6:7.1f} MFLOP/token")
-        print(f"  GPT-2-small shape {g['gpt2_small']:8,.0f} tokens/s   {g['gpt2_small_flops'] / 1e6:7.1f} MFLOP/token")
-        print(f"  speed ratio {g['default'] / g['gpt2_small']:.0f}x; FLOP ratio {g['gpt2_small_flops'] / g['default_flops']:.0f}x; "
-              f"10 M tokens of GPT-2 small at the measured speed: {1e7 / g['gpt2_small'] / 3600:.2f} h on these 2 cores")
+
+def _part_gpt2(args: argparse.Namespace, model, windows) -> None:
+    g = _gpt2_small_speed(args, model, windows)
+    print(f"\n3. per-token cost, collection in one process with 2 threads (time of 2n minus n windows; n = "
+          f"{args.gpt2_windows} for GPT-2 small, {8 * args.gpt2_windows} for the default model)")
+    print(f"  default model     {g['default']:9,.0f} tokens/s   {g['default_flops'] / 1e6:7.1f} MFLOP/token")
+    print(f"  GPT-2-small shape {g['gpt2_small']:9,.0f} tokens/s   {g['gpt2_small_flops'] / 1e6:7.1f} MFLOP/token")
+    print(f"  speed ratio {g['default'] / g['gpt2_small']:.0f}x; FLOP ratio {g['gpt2_small_flops'] / g['default_flops']:.0f}x; "
+          f"10 M tokens of GPT-2 small at the measured speed: {1e7 / g['gpt2_small'] / 3600:.2f} h on these 2 cores")
 
 
 if __name__ == "__main__":

@@ -275,13 +275,13 @@ def _collect_shard(model_spec: str, corpus_spec: CorpusSpec, start: int, stop: i
     return {"start": start, "stop": stop, "seconds": time.perf_counter() - began, "pid": os.getpid()}, _pack(top)
 
 
-def _layer_tables(model_spec: str, corpus_spec: CorpusSpec, top: activations.TopActivations, layer: int,
-                  settings: Any, threads: int) -> Any:
+def _layer_tables(model_spec: str, corpus_spec: CorpusSpec, top: _Packed, layer: int, settings: Any,
+                  threads: int) -> Any:
     """One layer's `clusters` step of the atlas (`atlas.layer_tables`) on this worker's model and windows."""
     from nbutils import atlas
 
     model, windows = _worker_setup(model_spec, corpus_spec, threads)
-    return atlas.layer_tables(model, windows, top, layer, settings)
+    return atlas.layer_tables(model, windows, _unpack(top), layer, settings)
 
 
 @dataclass
@@ -518,7 +518,7 @@ def build_atlas_ray(
         top = _collect(ray, spec, corpus_spec, shards, collect, num_gpus, cache_dir, progress)
         model = models.load_model(spec)
         windows = corpus_spec.windows(model)
-        top_ref = ray.put(top)
+        top_ref = ray.put(_pack(top))  # once in the object store, read by every layer task
         task = ray.remote(_layer_tables).options(num_cpus=1, num_gpus=_gpus(ray, num_gpus), max_retries=_RETRIES)
 
         def map_layers(todo: list[int], st: Any) -> Iterator[Any]:
