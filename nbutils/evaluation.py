@@ -383,7 +383,8 @@ def choose_default(summary: pd.DataFrame) -> tuple[str, float]:
     """The (method, threshold) that meets `TARGET` on the most families of `summary` (`family_summary`),
     ties broken by the highest worst-family `score`."""
     per_setting = summary.groupby(["method", "threshold"]).agg(met=("meets_target", "sum"), worst=("score", "min"))
-    return per_setting.sort_values(["met", "worst"], ascending=False, kind="stable").index[0]
+    method, threshold = per_setting.sort_values(["met", "worst"], ascending=False, kind="stable").index[0]
+    return str(method), float(threshold)
 
 
 def leave_one_family_out(scores: pd.DataFrame) -> pd.DataFrame:
