@@ -15,7 +15,7 @@ Before a notebook starts, its previous executed copy is renamed `<name>.stale.ip
 written (atomically) only when the notebook finished, and the stale one is then removed. So a copy named
 `<name>.ipynb` in the output folder always comes from a complete run of the current notebook.
 
-Kernels talk to this process over Unix sockets (IPC transport) in a private temporary folder, not TCP.
+Kernels talk to this process over Unix sockets (IPC transport) in a private temporary folder on Linux, not TCP.
 """
 
 from __future__ import annotations
@@ -79,8 +79,9 @@ def _first_line(cell: dict) -> str:
 
 
 def _kernel_manager_config(socket_dir: str) -> dict:
-    """IPC transport (Unix sockets in `socket_dir`) where the platform has it; TCP on Windows."""
-    if os.name == "nt":
+    """IPC transport (Unix sockets in `socket_dir`) on Linux; TCP elsewhere (macOS's long temporary paths can
+    exceed the length limit of a socket path)."""
+    if not sys.platform.startswith("linux"):
         return {}
     return {"KernelManager": {"transport": "ipc", "ip": os.path.join(socket_dir, "kernel")}}
 

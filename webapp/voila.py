@@ -14,9 +14,9 @@
 # - A page that vanishes without closing (a killed browser, a lost network) leaves an idle kernel with no
 #   connection: it is shut down after `cull_idle_timeout` seconds. Kernels with an open page are never culled,
 #   however long the reader looks without clicking.
-# - Kernels talk to the server over Unix sockets (IPC) rather than unencrypted TCP on loopback.
+# - On Linux, kernels talk to the server over Unix sockets (IPC) rather than unencrypted TCP on loopback.
 
-import os
+import sys
 
 c = get_config()  # noqa: F821 (provided by traitlets when Voilà loads this file)
 
@@ -33,5 +33,5 @@ c.MappingKernelManager.cull_idle_timeout = 600  # seconds without activity and w
 c.MappingKernelManager.cull_interval = 60  # seconds between checks
 c.MappingKernelManager.cull_connected = False  # an open page keeps its kernel
 
-if os.name != "nt":  # Unix sockets; Windows keeps TCP
+if sys.platform.startswith("linux"):  # Unix sockets; elsewhere TCP (macOS's long temp paths exceed socket limits)
     c.KernelManager.transport = "ipc"
