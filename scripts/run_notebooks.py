@@ -47,7 +47,8 @@ class Failure(Exception):
     detail: str = ""
 
     def __str__(self) -> str:
-        return f"{self.kind} at cell {self.cell_index} (`{self.first_line}`)" + (f": {self.detail}" if self.detail else "")
+        where = f"{self.kind} at cell {self.cell_index} (`{self.first_line}`)"
+        return f"{where}: {self.detail}" if self.detail else where
 
 
 def find_notebooks(selectors: list[str]) -> list[Path]:
