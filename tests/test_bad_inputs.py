@@ -76,8 +76,10 @@ CASES: list[tuple[Callable, Callable[[Any], dict], type[Exception], str]] = [
                                             "neuron": c.live_neuron, "context": -3}, ValueError,
      r"`context` must be in 1\.\..*; got -3"),
     # a colour scale that is NaN, infinite or not positive
-    (viz.tokens_html, lambda c: _html(max_value=float("nan")), ValueError, r"`max_value` must be a finite number > 0; got nan"),
-    (viz.tokens_html, lambda c: _html(max_value=float("inf")), ValueError, r"`max_value` must be a finite number > 0; got inf"),
+    (viz.tokens_html, lambda c: _html(max_value=float("nan")), ValueError,
+     r"`max_value` must be a finite number > 0; got nan"),
+    (viz.tokens_html, lambda c: _html(max_value=float("inf")), ValueError,
+     r"`max_value` must be a finite number > 0; got inf"),
     (viz.tokens_html, lambda c: _html(max_value=-1.0), ValueError, r"`max_value` must be a finite number > 0; got -1"),
     (viz.tokens_html, lambda c: _html(max_value="big"), TypeError, r"`max_value` must be a number"),
     (viz.tokens, lambda c: _html(max_value=float("nan"), backend="html"), ValueError, r"`max_value` must be a finite"),
@@ -87,9 +89,11 @@ CASES: list[tuple[Callable, Callable[[Any], dict], type[Exception], str]] = [
      r"`x` must have at least 2 rows; got 1"),
     (similar.nearest_neighbours, lambda c: {"x": np.eye(3), "k": 3}, ValueError, r"`k` must be in 1\.\.2"),
     # batch_size = 0 (or not an integer), checked before any work
-    (embeddings.pre_mlp_vectors, lambda c: _ids(c, batch_size=0), ValueError, r"`batch_size` must be an integer >= 1; got 0"),
+    (embeddings.pre_mlp_vectors, lambda c: _ids(c, batch_size=0), ValueError,
+     r"`batch_size` must be an integer >= 1; got 0"),
     (embeddings.pre_activations, lambda c: _ids(c, batch_size=-2), ValueError, r"`batch_size` must be an integer >= 1"),
-    (embeddings.neuron_embeddings, lambda c: _ids(c, neuron=0, batch_size=0), ValueError, r"`batch_size` must be an integer >= 1"),
+    (embeddings.neuron_embeddings, lambda c: _ids(c, neuron=0, batch_size=0), ValueError,
+     r"`batch_size` must be an integer >= 1"),
     (embeddings.pre_mlp_vectors, lambda c: _ids(c, batch_size=2.0), TypeError, r"`batch_size` must be an integer"),
     (activations.neuron_activations, lambda c: {"model": c.model, "windows": c.windows, "layer": 0, "neuron": 1,
                                                 "batch_size": 0}, ValueError, r"`batch_size` must be in 1\.\."),
@@ -119,7 +123,8 @@ CASES: list[tuple[Callable, Callable[[Any], dict], type[Exception], str]] = [
      r"`name` must be a model name or folder \(str or pathlib.Path\); got int 123"),
     (models.load_model, lambda c: {"name": ["gpt2"]}, TypeError, r"`name` must be a model name or folder"),
     # earlier classes, kept here so that the table covers them
-    (embeddings.pre_mlp_vectors, lambda c: _ids(c, layer=7), ValueError, r"`layer` must be in 0\.\.3 for this model; got 7"),
+    (embeddings.pre_mlp_vectors, lambda c: _ids(c, layer=7), ValueError,
+     r"`layer` must be in 0\.\.3 for this model; got 7"),
     (embeddings.neuron_embeddings, lambda c: _ids(c, neuron=512), ValueError, r"`neuron` must be in 0\.\.511"),
     (embeddings.pre_mlp_vectors, lambda c: _ids(c, window_ids=[0]), ValueError,
      r"`window_ids` and `positions` must have the same length"),
@@ -127,7 +132,8 @@ CASES: list[tuple[Callable, Callable[[Any], dict], type[Exception], str]] = [
     (clustering.cluster, lambda c: {"e": np.eye(4), "method": "kmeans"}, ValueError, r"`method` must be one of"),
     (clustering.polysemy_table, lambda c: {"model": c.model, "windows": c.windows, "top": c.top.examples, "layer": 1},
      TypeError, r"`top` must be a TopActivations"),
-    (viz.layout_2d, lambda c: {"e": np.eye(3), "min_dist": -1.0}, ValueError, r"`min_dist` must be in \[0\.0, 100\.0\]"),
+    (viz.layout_2d, lambda c: {"e": np.eye(3), "min_dist": -1.0}, ValueError,
+     r"`min_dist` must be in \[0\.0, 100\.0\]"),
 ]
 
 
