@@ -89,6 +89,32 @@ def voila_server(notebook: Path, log_path: Path, *options: str) -> Iterator[tupl
         _stop(proc.pid)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def page_atlas() -> None:
+    """Build the atlas that notebook 03 opens at CI size before any page is served, so that page views time
+    reading it (as a deployed page does) and not its one-time build. The sizes are read from the notebook's own
+    parameters cell, run with `NBUTILS_SMALL=1`."""
+    import json
+
+    from nbutils import atlas
+
+    _require_chromium()
+    cells = json.loads(NOTEBOOK.read_text())["cells"]
+    source = next("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    params: dict = {}
+    previous = os.environ.get("NBUTILS_SMALL")
+    os.environ["NBUTILS_SMALL"] = "1"
+    try:
+        exec(source, params)
+        atlas.load_or_build(model=params["MODEL"], n_windows=params["N_WINDOWS"], window=params["WINDOW"],
+                            k=params["K"], frac=params["FRAC"], progress=False)
+    finally:
+        if previous is None:
+            del os.environ["NBUTILS_SMALL"]
+        else:
+            os.environ["NBUTILS_SMALL"] = previous
+
+
 def _require_chromium() -> None:
     """Skip (fail in CI) when Debian's Chromium or its driver is missing."""
     if CHROMIUM.exists() and CHROMEDRIVER.exists():
