@@ -116,20 +116,34 @@ def _keep_lowest(state: tuple[Tensor, ...], cand: tuple[Tensor, ...], per_band: 
 def _batch_candidates(
     act: Float[Tensor, "n_tok d_mlp"], prio: Int[Tensor, "n_tok"], window: Int[Tensor, "n_tok"],
     pos: Int[Tensor, "n_tok"], max_act: Float[Tensor, "d_mlp"], bands: int, per_band: int,
+    threshold: Int[Tensor, "d_mlp bands"] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """For each (neuron, band), the `per_band` lowest-priority tokens of one batch in that band.
 
     Tokens are put in priority order once; the positive activations, listed in that order, are grouped by
-    (neuron, band) with a stable sort, so each group's first `per_band` entries are its candidates.
+    (neuron, band) with a stable sort, so each group's first `per_band` entries are its candidates. With
+    `threshold` (the running sample's highest kept priority per (neuron, band), `_NONE` while not full), tokens
+    at or above it are dropped first: they could not enter the sample, and late in a corpus that is nearly all.
 
     Returns (priority, window, pos, act), each `[d_mlp, bands, per_band]`.
     """
     d_mlp = act.shape[1]
     order = torch.argsort(prio)
     act, prio, window, pos = act[order], prio[order], window[order], pos[order]
-    tok, neuron = torch.nonzero((act > 0) & (max_act > 0), as_tuple=True)  # by priority, then neuron
+    positive = max_act > 0
+    keep = (act > 0) & positive  # [n_tok, d_mlp]
+    if threshold is not None:  # a cheap superset of the tokens that can enter, then the exact test on those
+        full = threshold < _NONE  # [d_mlp, bands] bands whose sample is full
+        loosest = torch.where(full, threshold, torch.iinfo(torch.int64).min).amax(dim=1)  # [d_mlp]
+        open_band = torch.where(~full, torch.arange(bands), bands).amin(dim=1)  # [d_mlp] lowest band not yet full
+        floor = torch.where(open_band < bands, open_band / bands * max_act, torch.inf) * (1 - 1e-6)  # [d_mlp]
+        keep &= (prio[:, None] < loosest) | (act >= floor)
+    tok, neuron = torch.nonzero(keep, as_tuple=True)  # by priority, then neuron
     value = act[tok, neuron]
     band = (torch.ceil(value * bands / max_act[neuron]) - 1).clamp(min=0, max=bands - 1).long()
+    if threshold is not None:
+        exact = prio[tok] < threshold[neuron, band]
+        tok, neuron, value, band = tok[exact], neuron[exact], value[exact], band[exact]
     shape = (d_mlp, bands, per_band)
     if len(tok) == 0:
         return _empty(shape)
@@ -196,7 +210,8 @@ def collect_band_samples(
             pos = torch.arange(n_pos).repeat(len(batch))  # [n_tok]
             prio = priority(wid, pos)
             cand = [_batch_candidates(cache[name].float().cpu().reshape(-1, d_mlp), prio, wid, pos, max_act[layer],
-                                      bands, per_band) for layer, name in enumerate(names)]
+                                      bands, per_band, threshold=state[0][layer, :, :, -1])
+                    for layer, name in enumerate(names)]
             cand = tuple(torch.stack(parts) for parts in zip(*cand))  # [n_layers, d_mlp, bands, per_band] each
             state = _keep_lowest(state, cand, per_band)
     return BandSamples(*state, max_act=max_act,
