@@ -75,7 +75,8 @@ def _build(args: argparse.Namespace) -> None:
         model = models.load_model(name)
         windows = data.corpus_windows(model, n_windows=args.windows, window=args.window, source=source)
         out = args.out or atlas.default_path(model_name=str(name), source=source, n_windows=args.windows,
-                                             window=args.window, k=args.k)
+                                             window=args.window, layers=args.layers, k=args.k, frac=args.frac,
+                                             method=args.method, threshold=args.threshold)
         result = atlas.build_atlas(model, windows, k=args.k, frac=args.frac, layers=args.layers, method=args.method,
                                    threshold=args.threshold, out=out, source=source, progress=not args.quiet)
     print(result.info())

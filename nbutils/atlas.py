@@ -725,13 +725,17 @@ def _check_path_arg(name: str, value: Any) -> Path | None:
 # Building
 
 
-def default_path(*, model_name: str, source: str, n_windows: int, window: int, k: int,
-                 cache_dir: str | os.PathLike | None = None) -> Path:
-    """The readable default folder of an atlas: `<cache>/atlas/<model>-<source>-<n_windows>x<window>-k<k>`.
-    Its manifest still holds the full content key, so an atlas of other weights or settings there is an error,
-    never an input."""
+def default_path(*, model_name: str, source: str, n_windows: int, window: int, layers: Iterable[int] | None = None,
+                 cache_dir: str | os.PathLike | None = None, **settings: Any) -> Path:
+    """The readable default folder of an atlas: `<cache>/atlas/<model>-<source>-<n_windows>x<window>-k<k>-<hash>`,
+    where `<hash>` names the settings (`AtlasSettings` fields in `settings`, defaults resolved, and `layers`), so that
+    other settings, or a new default method, get their own folder. The manifest inside holds the full content key
+    (the model's weights too): an atlas of other weights there is an error, never an input."""
+    resolved = asdict(AtlasSettings(**settings))
+    chosen = None if layers is None else sorted(int(l) for l in layers)
+    digest = cache.text_fingerprint(json.dumps({"settings": resolved, "layers": chosen}, sort_keys=True))[:8]
     name = Path(str(model_name)).name or "model"
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-{source}-{n_windows}x{window}-k{k}")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-{source}-{n_windows}x{window}-k{resolved['k']}-{digest}")
     return _env.cache_dir(cache_dir) / "atlas" / slug
 
 
@@ -951,17 +955,15 @@ def load_or_build(*, model: Any = None, source: str | None = None, n_windows: in
     loaded = model if hasattr(model, "cfg") else None
     name = _model_name(loaded) if loaded is not None else _env.switch(model, "NBUTILS_MODEL", models.DEFAULT_MODEL_NAME)
     src = data._source(source)
-    path = default_path(model_name=str(name), source=src, n_windows=n_windows, window=window, k=k,
-                        cache_dir=cache_dir)
+    path = default_path(model_name=str(name), source=src, n_windows=n_windows, window=window, cache_dir=cache_dir,
+                        k=k, frac=frac, **options)
     manifest = _read_manifest(path)
     if manifest is not None and manifest.get("status") == "complete":
-        wanted = asdict(AtlasSettings(k=k, frac=frac, **options))
-        if manifest["settings"] == json.loads(json.dumps(wanted)):
-            atlas = Atlas.open(path)
-            if loaded is not None:
-                atlas._model = atlas.check_model(loaded)
-            atlas.loaded_from_cache = True
-            return atlas
+        atlas = Atlas.open(path)
+        if loaded is not None:
+            atlas._model = atlas.check_model(loaded)
+        atlas.loaded_from_cache = True
+        return atlas
     lm = loaded if loaded is not None else models.load_model(name)
     windows = data.corpus_windows(lm, n_windows=n_windows, window=window, source=src)
     atlas = build_atlas(lm, windows, k=k, frac=frac, out=path, cache_dir=cache_dir, source=src, progress=progress,
