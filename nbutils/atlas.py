@@ -7,7 +7,9 @@
   text of every token id (`vocab.parquet`) so that any example can be shown without the corpus or the tokenizer.
 - per layer, `clusters`: every neuron's examples clustered (`clustering`, the default method unless another is
   asked for) into `neurons/`, `examples/`, `contexts/` (the neuron's activation on the tokens around each example
-  a tab shows, so a tab is drawn with no forward pass) and `vectors/` (each feature's central neuron embedding);
+  a tab shows, so a tab is drawn with no forward pass), `vectors/` (each feature's central neuron embedding) and
+  `bands/` (examples below the top: a deterministic sample per neuron and activation band, as `bands` draws it,
+  with the same context activations, taken in the same pass);
 - per layer, `features`: one row per cluster of at least `min_size` examples, with a readable label, into
   `features/`;
 - `similar`: every feature's nearest features of other neurons, in the same layer and in other layers, by cosine
@@ -151,6 +153,7 @@ class LayerTables:
     examples: pd.DataFrame
     contexts: pd.DataFrame
     vectors: pd.DataFrame
+    bands: pd.DataFrame | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,6 +240,54 @@ class _Gather:
     inverse: np.ndarray  # [n_examples] row of h of each example
     h: np.ndarray  # [n_unique, d_model] float32, as the model computes it (exact in float64 products)
     context: np.ndarray  # [n_examples, before + after + 1] float32, NaN outside the window
+    band: tuple | None = None  # the running band sample: (priority, window, pos, act) [d_mlp, bands, per_band]
+    band_context: Tensor | None = None  # [d_mlp, bands, per_band, width] activations around each sampled token
+
+
+def _band_merge(g: _Gather, P: Tensor, lo: int, n_pos: int, max_act: Tensor, settings: AtlasSettings) -> None:
+    """Merge one batch's activations `P` `[batch, n_pos, d_mlp]` (windows `lo..`) into the layer's band sample
+    (`bands`: the `per_band` lowest priorities per (neuron, band), the same sample as `bands.collect_band_samples`),
+    keeping each sampled token's context activations beside it."""
+    from nbutils import bands as _bands
+
+    batch, _, d_mlp = P.shape
+    width = settings.before + settings.after + 1
+    wid = torch.arange(lo, lo + batch).repeat_interleave(n_pos)  # [n_tok]
+    pos = torch.arange(n_pos).repeat(batch)  # [n_tok]
+    cand = _bands._batch_candidates(P.float().reshape(-1, d_mlp), _bands.priority(wid, pos), wid, pos, max_act,
+                                    settings.bands, settings.per_band, threshold=g.band[0][..., -1])
+    cw, cp = cand[1].clamp(min=lo), cand[2]  # [d_mlp, bands, per_band]; empty slots point at a real token
+    at = cp[..., None] + torch.arange(-settings.before, settings.after + 1)  # [d_mlp, bands, per_band, width]
+    neuron = torch.arange(d_mlp)[:, None, None, None].expand_as(at)
+    ctx = P.float()[(cw - lo)[..., None].expand_as(at), at.clamp(0, n_pos - 1), neuron]
+    ctx = ctx.masked_fill((at < 0) | (at >= n_pos), float("nan"))
+    both = [torch.cat([a, b], dim=-1) for a, b in zip(g.band, cand)]  # [d_mlp, bands, 2 * per_band] each
+    prio, idx = torch.topk(both[0], k=settings.per_band, dim=-1, largest=False, sorted=True)
+    g.band = (prio, *(t.gather(-1, idx) for t in both[1:]))
+    both_ctx = torch.cat([g.band_context, ctx], dim=2)  # [d_mlp, bands, 2 * per_band, width]
+    g.band_context = both_ctx.gather(2, idx[..., None].expand(-1, -1, -1, width))
+
+
+def _band_table(g: _Gather, layer: int, vocab: list[str], windows: Tensor, settings: AtlasSettings) -> pd.DataFrame:
+    """The layer's band sample as rows `layer, neuron, band, window, pos, act, token, start, acts`, by neuron, band
+    (highest first) and priority."""
+    prio, window, pos, act = g.band
+    filled = window.flip(1) >= 0  # highest band first
+    neuron, band, slot = torch.nonzero(filled, as_tuple=True)
+    band = settings.bands - 1 - band
+    w, p = window[neuron, band, slot], pos[neuron, band, slot]
+    n_pos = windows.shape[1]
+    first = (p - settings.before).numpy()
+    ctx = g.band_context[neuron, band, slot].numpy()  # [n, width]
+    acts = [row[~np.isnan(row)] for row in ctx]
+    token_id = windows[w, p].numpy()
+    return pd.DataFrame({
+        "layer": np.full(len(w), layer, dtype=np.int64), "neuron": neuron.numpy().astype(np.int64),
+        "band": band.numpy().astype(np.int64), "window": w.numpy().astype(np.int64), "pos": p.numpy().astype(np.int64),
+        "act": act[neuron, band, slot].numpy().astype(np.float32), "token": [vocab[t] for t in token_id],
+        "start": np.maximum(first, 0).astype(np.int64), "acts": acts,
+    }) if len(w) else pd.DataFrame({c: [] for c in ("layer", "neuron", "band", "window", "pos", "act", "token", "start",
+                                                         "acts")}).astype({"layer": np.int64, "neuron": np.int64})
 
 
 def _layer_bytes(top: Any, layer: int, d_model: int, width: int, n_tokens: int) -> int:
@@ -265,6 +316,12 @@ def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], setti
                                   return_inverse=True)
         out[layer] = _Gather(ex, keys, inverse.reshape(-1), np.zeros((len(keys), model.cfg.d_model), dtype=np.float32),
                              np.full((len(ex), len(offsets)), np.nan, dtype=np.float32))
+        if settings.bands:
+            from nbutils import bands as _bands
+
+            shape = (model.cfg.d_mlp, settings.bands, settings.per_band)
+            out[layer].band = _bands._empty(shape)
+            out[layer].band_context = torch.full((*shape, len(offsets)), float("nan"))
     names = {layer: (hook_name(layer, kind, model), hook_name(layer, "post", model)) for layer in layers}
     device = next(model.parameters()).device
     bar = tqdm(total=n_windows * n_pos, unit="tok", unit_scale=True, disable=not progress, leave=False,
@@ -286,6 +343,8 @@ def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], setti
             values = P[torch.as_tensor(wid[rows] - lo)[:, None], torch.as_tensor(np.clip(at, 0, n_pos - 1)),
                        torch.as_tensor(g.examples["neuron"].to_numpy(np.int64)[rows])[:, None]]  # [rows, width]
             g.context[rows] = np.where(valid, values.float().cpu().numpy(), np.nan)
+            if settings.bands:
+                _band_merge(g, P.cpu(), lo, n_pos, top.max_act[layer].float(), settings)
         bar.update((hi - lo) * n_pos)
     bar.close()
     return out
@@ -401,7 +460,9 @@ def _cluster_layer(model: Any, windows: Tensor, top: Any, layer: int, g: _Gather
     d_model = model.cfg.d_model
     vectors = pd.DataFrame(vec_rows, columns=["layer", "neuron", "cluster"]).astype(np.int64)
     vectors["vector"] = list(np.array(vecs, dtype=np.float32).reshape(-1, d_model))
-    return LayerTables(layer=layer, neurons=neurons, examples=examples, contexts=contexts, vectors=vectors)
+    band_rows = _band_table(g, layer, vocab, windows, settings) if settings.bands else None
+    return LayerTables(layer=layer, neurons=neurons, examples=examples, contexts=contexts, vectors=vectors,
+                       bands=band_rows)
 
 
 def features_table(examples: pd.DataFrame, min_size: int) -> pd.DataFrame:
@@ -539,56 +600,6 @@ def similar_table(model: Any, windows: Tensor, features: pd.DataFrame, vectors: 
     return pairs[columns].sort_values(["layer", "neuron", "cluster", "rank"]).reset_index(drop=True)
 
 
-@torch.inference_mode()
-def _context_rows(model: Any, windows: Tensor, rows: pd.DataFrame, before: int, after: int, batch_size: int
-                  ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The activation of neuron (`layer`, `neuron`) on tokens `pos - before .. pos + after` of each row's window,
-    from one pass over the windows the rows come from. Returns (start `[n]`, one float32 array per row)."""
-    n_pos = windows.shape[1]
-    wid, pos, layer, neuron = (rows[c].to_numpy(np.int64) for c in ("window", "pos", "layer", "neuron"))
-    start, stop = np.maximum(pos - before, 0), np.minimum(pos + after + 1, n_pos)
-    acts: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(rows)
-    if len(rows) == 0:
-        return start, acts
-    layers = sorted(set(layer.tolist()))
-    names = {l: hook_name(l, "post", model) for l in layers}
-    device = next(model.parameters()).device
-    runs = np.unique(wid)
-    for lo in range(0, len(runs), batch_size):
-        chunk = runs[lo : lo + batch_size]
-        _, cache_ = model.run_with_cache(windows[torch.as_tensor(chunk)].to(device), names_filter=list(names.values()),
-                                         stop_at_layer=layers[-1] + 1)
-        blocks = {l: cache_[name].reshape(len(chunk), n_pos, -1).float().cpu().numpy()
-                  for l, name in names.items()}  # [chunk, n_pos, d_mlp] each
-        for r in np.flatnonzero(np.isin(wid, chunk)):
-            j = int(np.searchsorted(chunk, wid[r]))
-            acts[r] = blocks[int(layer[r])][j, start[r] : stop[r], neuron[r]].astype(np.float32)
-    return start, acts
-
-
-def bands_table(model: Any, windows: Tensor, top: Any, settings: AtlasSettings, *, progress: bool = False
-                ) -> pd.DataFrame:
-    """The `bands` step: `per_band` examples in each of `bands` activation bands of every neuron
-    (`bands.collect_band_samples`, a deterministic sample), with each example's token, text and the neuron's
-    activation on the tokens around it (a second pass over the windows the sample comes from).
-
-    Columns: `layer, neuron, band, window, pos, act, token, context, start, acts`.
-    """
-    from nbutils import bands as _bands
-
-    sample = _bands.collect_band_samples(model, windows, top.max_act, bands=settings.bands, per_band=settings.per_band,
-                                         batch_size=settings.batch_size, progress=progress)
-    table = sample.table.reset_index(drop=True)
-    vocab = _vocab(model)
-    wid, pos = table["window"].to_numpy(np.int64), table["pos"].to_numpy(np.int64)
-    token_id = windows[torch.as_tensor(wid.copy()), torch.as_tensor(pos.copy())].numpy()
-    text = [windows[w, max(0, p - TEXT_CONTEXT + 1) : p + 1].tolist() for w, p in zip(wid, pos)]
-    start, acts = _context_rows(model, windows, table, settings.before, settings.after, settings.batch_size)
-    return table.assign(token=[vocab[t] for t in token_id],
-                        context=model.tokenizer.batch_decode(text) if len(table) else [],
-                        start=start.astype(np.int64), acts=acts)
-
-
 # --------------------------------------------------------------------------------------------------
 # The folder: atomic parquet files carrying the key, a manifest of steps
 
@@ -699,9 +710,8 @@ def _read_manifest(path: Path) -> dict | None:
     return manifest
 
 
-def _steps(layers: list[int], bands: int = 0) -> list[str]:
-    return ["collect", *(["bands"] if bands else []), *[f"layer {l} {s}" for l in layers for s in ("clusters", "features")],
-            "similar"]
+def _steps(layers: list[int]) -> list[str]:
+    return ["collect", *[f"layer {l} {s}" for l in layers for s in ("clusters", "features")], "similar"]
 
 
 def _layer_file(table: str, layer: int) -> str:
@@ -833,7 +843,7 @@ def build_atlas(
                          f"`out` folder, or remove that one to rebuild (`rm -r '{path}'`).")
     folder = _Folder(path, manifest)
     folder.save()
-    steps = _steps(layer_list, settings.bands)
+    steps = _steps(layer_list)
     bar = tqdm(total=len(steps), desc="atlas steps", unit="step", disable=not progress)
     try:
         started = time.perf_counter()
@@ -852,12 +862,6 @@ def build_atlas(
         bar.update(1)
         if top is None:
             top = _read_top(folder)
-        if settings.bands and not folder.done("bands"):
-            started = time.perf_counter()
-            folder.finish("bands", {"bands.parquet": bands_table(model, windows, top, settings, progress=progress)},
-                          time.perf_counter() - started)
-        if settings.bands:
-            bar.update(1)
         todo = [l for l in layer_list if not folder.done(f"layer {l} clusters")]
         bar.update(len(layer_list) - len(todo))
         runner = map_layers if map_layers is not None else (
@@ -871,6 +875,7 @@ def build_atlas(
             folder.finish(f"layer {l} clusters", {
                 _layer_file("neurons", l): tables.neurons, _layer_file("examples", l): tables.examples,
                 _layer_file("contexts", l): tables.contexts, _layer_file("vectors", l): tables.vectors,
+                **({_layer_file("bands", l): tables.bands} if tables.bands is not None else {}),
             }, time.perf_counter() - started)
             bar.update(1)
             started = time.perf_counter()
@@ -1012,7 +1017,7 @@ class Atlas:
             raise FileNotFoundError(f"No atlas at {folder} (no manifest.json). Build one with "
                                     "`atlas.build_atlas(model, windows, out=...)` or `python -m nbutils atlas build`.")
         f = _Folder(folder, manifest)
-        missing = [s for s in _steps(manifest["layers"], manifest["settings"].get("bands", 0)) if not f.done(s)]
+        missing = [s for s in _steps(manifest["layers"]) if not f.done(s)]
         if missing or manifest.get("status") != "complete":
             raise CacheError(f"The atlas at {folder} is unfinished (next step: {missing[0] if missing else 'none'}). "
                              "Run the same build again to resume it.")
@@ -1035,10 +1040,9 @@ class Atlas:
 
             con = duckdb.connect(":memory:")
             con.execute("SET threads TO 2")
-            for table in ("neurons", "examples", "contexts", "features"):
+            for table in ("neurons", "examples", "contexts", "features") + (("bands",) if self.settings.bands else ()):
                 con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{self._glob(table)}')")
-            tables = ("similar", "windows", "vocab") + (("bands",) if self.settings.bands else ())
-            for table in tables:  # "similar" is also a SQL keyword: quote it in queries
+            for table in ("similar", "windows", "vocab"):  # "similar" is also a SQL keyword: quote it in queries
                 file = str(self.path / f"{table}.parquet").replace("'", "''")
                 con.execute(f'CREATE VIEW "{table}" AS SELECT * FROM read_parquet(\'{file}\')')
             self._con = con
@@ -1148,8 +1152,7 @@ class Atlas:
         Empty when the atlas was built with `bands=0`."""
         layer, neuron = self._check_layer(layer), self._check_neuron(neuron)
         if not self.settings.bands:
-            return pd.DataFrame(columns=["layer", "neuron", "band", "window", "pos", "act", "token", "context", "start",
-                                         "acts"])
+            return pd.DataFrame(columns=["layer", "neuron", "band", "window", "pos", "act", "token", "start", "acts"])
         if band is None:
             return self.sql("SELECT * FROM bands WHERE layer = ? AND neuron = ? ORDER BY band DESC, act DESC",
                             [layer, neuron])

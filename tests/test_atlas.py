@@ -47,7 +47,7 @@ def test_examples_match_the_collection_and_the_manifest_describes_the_build(buil
     assert torch.equal(built.windows, windows)
     m = built.manifest
     assert m["status"] == "complete" and m["corpus"]["n_windows"] == len(windows) and m["settings"]["k"] == K
-    assert all(step["status"] == "done" for step in m["steps"].values()) and len(m["steps"]) == 3 + 2 * 4  # collect, bands, 2 per layer, similar
+    assert all(step["status"] == "done" for step in m["steps"].values()) and len(m["steps"]) == 2 + 2 * 4  # collect, 2 per layer (clusters with bands, features), similar
     assert {"torch", "duckdb", "transformer_lens"} <= set(m["versions"])
 
 
