@@ -88,7 +88,7 @@ __all__ = [
     "load_or_build",
 ]
 
-FORMAT = 1  # bump when a table changes meaning
+FORMAT = 2  # bump when a table changes meaning (2: band samples per layer)
 TABLES = ("neurons", "examples", "contexts", "features", "similar", "windows", "vocab", "top")
 TEXT_CONTEXT = 12  # tokens of text stored per example, ending at the activating token
 CROSS_MEMBERS = 16  # examples of a feature on which a similar feature's neuron is run
@@ -743,7 +743,8 @@ def default_path(*, model_name: str, source: str, n_windows: int, window: int, l
     (the model's weights too): an atlas of other weights there is an error, never an input."""
     resolved = asdict(AtlasSettings(**settings))
     chosen = None if layers is None else sorted(int(l) for l in layers)
-    digest = cache.text_fingerprint(json.dumps({"settings": resolved, "layers": chosen}, sort_keys=True))[:8]
+    digest = cache.text_fingerprint(json.dumps({"format": FORMAT, "settings": resolved, "layers": chosen},
+                                               sort_keys=True))[:8]
     name = Path(str(model_name)).name or "model"
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-{source}-{n_windows}x{window}-k{resolved['k']}-{digest}")
     return _env.cache_dir(cache_dir) / "atlas" / slug
