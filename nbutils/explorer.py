@@ -115,6 +115,7 @@ class NeuronData:
         layout: the stored 2-D map (`viz.Layout2D`), None for a dead neuron.
         e, acts: neuron embeddings `[n, d_model]` and activations along each example's window `[n, window]`,
             filled on first live re-clustering or importance (they need the model), else None.
+        similar: the atlas's similar features of all the neuron's clusters.
     """
 
     row: dict
@@ -123,6 +124,7 @@ class NeuronData:
     layout: viz.Layout2D | None
     e: Float[np.ndarray, "n_examples d_model"] | None = None
     acts: Float[np.ndarray, "n_examples window"] | None = None
+    similar: pd.DataFrame | None = None
 
 
 class Explorer:
@@ -172,7 +174,7 @@ class Explorer:
             atlas._model = atlas.check_model(model)
         self._neurons: dict[tuple[int, int], NeuronData] = {}
         self._importance: dict[tuple[int, int, int, int], np.ndarray] = {}
-        self._polysemy: dict[int, pd.DataFrame] = {}
+        self._layers: dict[int, dict[str, pd.DataFrame]] = {}
         self._syncing = False
         self._groups: list[tuple[str, np.ndarray]] = []
         layer = atlas.layers[0] if layer is None else atlas._check_layer(layer)
@@ -204,7 +206,7 @@ class Explorer:
             style={"description_width": "65px"})
         self.summary = w.HTML()
         self.history_line = w.HTML()
-        self.image = w.Image(format="png", layout=w.Layout(width="480px"))
+        self.image = w.Image(format="svg+xml", layout=w.Layout(width="480px"))
         self.tabs = w.Tab(layout=w.Layout(width="100%"))
         self.body = w.HBox([self.image, self.tabs], layout=w.Layout(align_items="flex-start"))
         for widget, name in [(self.random_button, "ne-random"), (self.back_button, "ne-back"),
@@ -282,19 +284,35 @@ class Explorer:
 
     # ---------------------------------------------------------------------------------------- caches
 
+    def layer_tables(self, layer: int) -> dict[str, pd.DataFrame]:
+        """The atlas's tables of one layer (`neurons`, `examples`, `contexts`, `similar`), read once per layer so
+        that a neuron change only slices them."""
+        if layer not in self._layers:
+            tables = {name: self.atlas.table(name, layer) for name in ("neurons", "examples", "contexts")}
+            tables["similar"] = self.atlas.table("similar", layer).sort_values(["neuron", "cluster", "rank"],
+                                                                              kind="stable").reset_index(drop=True)
+            self._layers[layer] = tables
+        return self._layers[layer]
+
     def neuron_data(self, layer: int, neuron: int) -> NeuronData:
         """The neuron's row, examples, stored contexts and map, read from the atlas (once per neuron)."""
         key = (layer, neuron)
         if key not in self._neurons:
-            row = self.atlas.neuron(layer, neuron)
-            examples = self.atlas.neuron_examples(layer, neuron)
-            contexts = {(int(r.window), int(r.pos)): (int(r.start), np.asarray(r.acts, dtype=np.float64))
-                        for r in self.atlas.neuron_contexts(layer, neuron).itertuples()}
+            tables = self.layer_tables(layer)
+
+            def rows(name: str) -> pd.DataFrame:  # every table is sorted by neuron
+                lo, hi = np.searchsorted(tables[name]["neuron"].to_numpy(), [neuron, neuron + 1])
+                return tables[name].iloc[lo:hi].reset_index(drop=True)
+
+            row = tables["neurons"].iloc[neuron].to_dict()
+            examples = rows("examples")
+            contexts = {(int(w), int(p)): (int(st), np.asarray(a, dtype=np.float64)) for w, p, st, a in
+                        rows("contexts")[["window", "pos", "start", "acts"]].itertuples(index=False, name=None)}
             layout = None
             if len(examples):
                 coords = examples[["x", "y"]].to_numpy(np.float64)
                 layout = viz.Layout2D(coords, "pca", "PCA of the unit neuron embeddings (stored in the atlas)")
-            self._neurons[key] = NeuronData(row, examples, contexts, layout)
+            self._neurons[key] = NeuronData(row, examples, contexts, layout, similar=rows("similar"))
         return self._neurons[key]
 
     def live_data(self, layer: int, neuron: int) -> NeuronData:
@@ -323,16 +341,14 @@ class Explorer:
 
     def polysemy(self, layer: int) -> pd.DataFrame:
         """The `neurons` rows of a layer (read from the atlas, cached)."""
-        if layer not in self._polysemy:
-            self._polysemy[layer] = self.atlas.table("neurons", layer)
-        return self._polysemy[layer]
+        return self.layer_tables(layer)["neurons"]
 
     def similar_to(self, layer: int, neuron: int, row: int, k: int = N_SIMILAR) -> pd.DataFrame:
         """Features of other neurons (any layer) most similar to the atlas feature that holds example `row` of
         `neuron` (a cluster's centre): `layer, neuron, cluster, size, similarity`, one row per neuron."""
         data = self.neuron_data(layer, neuron)
         cluster = int(data.examples["cluster"].iat[row])  # the atlas's cluster of that example
-        table = self.atlas.similar_to(layer, neuron, cluster)
+        table = data.similar[data.similar["cluster"].to_numpy() == cluster]
         table = table.rename(columns={"layer": "from_layer", "neuron": "from_neuron", "cluster": "from_cluster"})
         table = table.rename(columns={"other_layer": "layer", "other_neuron": "neuron", "other_cluster": "cluster",
                                       "other_size": "size"})
@@ -538,12 +554,14 @@ def _context(ex: Explorer, data: NeuronData, i: int) -> tuple[int, np.ndarray]:
 
 def _render(ex: Explorer) -> None:
     """Map, tabs, then the summary line: when the summary names the new neuron, the rest is drawn."""
-    fig = ex.figure()
-    if fig is None:
+    s = ex.state
+    data = ex.neuron_data(s.layer, s.neuron)
+    if s.message or data.layout is None:
         ex.image.value = b""
         ex.image.layout.display = "none"
     else:
-        ex.image.value = viz.figure_png(fig)
+        title = f"Layer {s.layer}, neuron {s.neuron}: {len(data.examples)} examples by cluster"
+        ex.image.value = viz.map_svg(data.layout.coords, s.labels, central=s.central, title=title)
         ex.image.layout.display = None
     _render_tabs(ex)
     _render_summary(ex)
@@ -620,8 +638,9 @@ def examples_html(ex: Explorer, title: str, clusters: np.ndarray, *, mode: str =
     central = set(s.central.tolist())
     top_act = float(data.row["max_act"]) if float(data.row["max_act"]) > 0 else 1.0
     parts = []
+    windows_, positions, example_acts = (data.examples[c].to_numpy() for c in ("window", "pos", "act"))
     for i in rows:
-        window, pos = int(data.examples["window"].iat[i]), int(data.examples["pos"].iat[i])
+        window, pos = int(windows_[i]), int(positions[i])
         first, acts = _context(ex, data, int(i))
         start, stop = max(first, pos - ex.before), min(first + len(acts), pos + ex.after + 1)
         tokens = ex.atlas.str_tokens(window)[start:stop]
@@ -632,7 +651,7 @@ def examples_html(ex: Explorer, title: str, clusters: np.ndarray, *, mode: str =
             values = acts[start - first : stop - first]
         star = "★ central · " if i in central else ""
         head = (f'<div style="font-size:85%;color:#555">{star}cluster {s.labels[i]} · '
-                f'act {float(data.examples["act"].iat[i]):.2f} · window {window}, token {pos}</div>')
+                f'act {float(example_acts[i]):.2f} · window {window}, token {pos}</div>')
         parts.append(head + viz.tokens_html(tokens, values, kind=mode,
                                             max_value=None if mode == "importance" else top_act,
                                             highlight=pos - start))

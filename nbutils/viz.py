@@ -37,6 +37,7 @@ __all__ = [
     "polysemy_plot",
     "tokens_html",
     "tokens",
+    "map_svg",
 ]
 
 UMAP_MIN_POINTS = 10  # fewer examples than this: PCA instead of UMAP (the plot says so)
@@ -351,3 +352,75 @@ def tokens(
         positive_color="#%02x%02x%02x" % COLOURS[kind],
     )
     return HTML(rendered.local_src)  # offline bundle: never the CDN
+
+
+_SVG_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+
+
+def map_svg(
+    coords: Float[np.ndarray, "n_examples 2"],
+    labels: Int[np.ndarray, "n_examples"],
+    *,
+    central: Sequence[int] | np.ndarray = (),
+    title: str = "",
+    axis_names: tuple[str, str] = ("PC 1", "PC 2"),
+    size: tuple[int, int] = (480, 380),
+) -> bytes:
+    """The explorer's map as a small SVG (no plotting library: drawn in about a millisecond): one dot per example
+    at `coords`, coloured by cluster as `umap_plot` colours them (the nine largest clusters of two or more examples,
+    the rest grey), central examples as outlined stars, a legend with cluster sizes.
+
+    Returns:
+        UTF-8 SVG bytes with explicit width and height (for an `ipywidgets.Image` of format "svg+xml").
+    """
+    xy = check_matrix("coords", coords)
+    if xy.shape[1] != 2:
+        fail("coords", "be [n, 2]", f"shape {xy.shape}")
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    check_same_length(coords=xy, labels=labels)
+    width, height = size
+    left, right, top, bottom = 44, 150, 30 if title else 12, 34
+    span = np.ptp(xy, axis=0) if len(xy) else np.ones(2)
+    span = np.where(span > 0, span, 1.0)
+    low = xy.min(axis=0) if len(xy) else np.zeros(2)
+    px = left + (xy[:, 0] - low[0]) / span[0] * (width - left - right)
+    py = height - bottom - (xy[:, 1] - low[1]) / span[1] * (height - top - bottom)
+    sizes = np.bincount(labels) if labels.size else np.zeros(0, dtype=np.int64)
+
+    def colour(c: int) -> str:
+        return _SVG_COLOURS[c] if c < len(_SVG_COLOURS) and sizes[c] >= 2 else "#b3b3b3"
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+             '<rect width="100%" height="100%" fill="white"/>',
+             f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
+             'fill="none" stroke="#444" stroke-width="0.8"/>']
+    if title:
+        parts.append(f'<text x="{left}" y="{top - 10}" font-size="12">{html.escape(title)}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">'
+                 f'{html.escape(axis_names[0])}</text>')
+    parts.append(f'<text x="12" y="{(top + height - bottom) / 2}" text-anchor="middle" '
+                 f'transform="rotate(-90 12 {(top + height - bottom) / 2})">{html.escape(axis_names[1])}</text>')
+    order = np.argsort([0 if colour(int(c)) == "#b3b3b3" else 1 for c in labels], kind="stable")  # grey below
+    for i in order:
+        parts.append(f'<circle cx="{px[i]:.1f}" cy="{py[i]:.1f}" r="3.2" fill="{colour(int(labels[i]))}" '
+                     'fill-opacity="0.85"/>')
+    for i in np.asarray(central, dtype=np.int64).reshape(-1):
+        if 0 <= i < len(xy):
+            points = " ".join(f"{px[i] + r * np.sin(a):.1f},{py[i] - r * np.cos(a):.1f}"
+                              for k, a in enumerate(np.arange(10) * np.pi / 5) for r in [7.5 if k % 2 == 0 else 3.2])
+            parts.append(f'<polygon points="{points}" fill="{colour(int(labels[i]))}" stroke="black" '
+                         'stroke-width="0.9"/>')
+    y = top + 6
+    legend = [(colour(c), f"cluster {c} ({sizes[c]})") for c in range(min(len(_SVG_COLOURS), len(sizes)))
+              if sizes[c] >= 2]
+    grey = int(np.isin(labels, [c for c in range(len(sizes)) if colour(c) == "#b3b3b3"]).sum())
+    if grey:
+        legend.append(("#b3b3b3", f"other / singletons ({grey})"))
+    for fill, text in legend:
+        parts.append(f'<circle cx="{width - right + 14}" cy="{y}" r="4" fill="{fill}"/>'
+                     f'<text x="{width - right + 24}" y="{y + 4}">{html.escape(text)}</text>')
+        y += 16
+    parts.append(f'<text x="{width - right + 8}" y="{y + 4}">★ central example</text>')
+    parts.append("</svg>")
+    return "".join(parts).encode()

@@ -62,7 +62,9 @@ def test_explorer_reads_the_atlas_without_the_model(ex, model, windows, top, bus
     assert f"effective clusters {clustering.effective_n_clusters(labels):.2f}" in summary
     assert f"monosemanticity {clustering.monosemanticity(e):.2f}" in summary
     assert "top tokens: " in summary
-    assert ex.image.value[:8] == b"\x89PNG\r\n\x1a\n" and ex.image.layout.display is None
+    svg = bytes(ex.image.value)
+    assert svg.startswith(b"<svg") and ex.image.layout.display is None
+    assert svg.count(b"<circle") >= len(e) and svg.count(b"<polygon") == labels.max() + 1  # a star per cluster
     assert ex.state.history == [(layer, neuron)] and ex.back_button.disabled
     assert ex.widget.explorer is ex
     explorer.on_neuron(ex, (neuron + 1) % 512)
@@ -210,7 +212,7 @@ def test_dead_neuron_shows_a_message(model, windows, top, busy, tmp_path):
     dead = atlas.build_atlas(model, windows, k=32, top=dead_top, layers=[layer], out=tmp_path / "dead", progress=False)
     ex = explorer.Explorer(dead, layer=layer, neuron=neuron)
     assert f"Neuron {neuron} of layer {layer} is dead" in ex.summary.value
-    assert len(ex.tabs.children) == 0 and ex.image.layout.display == "none" and ex.image.value == b""
+    assert len(ex.tabs.children) == 0 and ex.image.layout.display == "none" and bytes(ex.image.value) == b""
     assert ex.figure() is None
     explorer.on_neuron(ex, (neuron + 1) % model.cfg.d_mlp)  # a live neuron clears the message
     assert "dead" not in ex.summary.value and len(ex.tabs.children) > 0
