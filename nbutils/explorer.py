@@ -629,6 +629,23 @@ def _fill_tab(ex: Explorer, index: int) -> None:
     ex.tabs.children[index].children = [w.HBox([label, *buttons]), examples]
 
 
+def _example_html(ex: Explorer, head: str, window: int, pos: int, first: int, acts: np.ndarray, *, mode: str,
+                  top_act: float) -> str:
+    """One example: a header line, then `before`/`after` tokens around the outlined token at `pos`, coloured by the
+    neuron's activation (`acts` on tokens `first..` of the window) or by token importance."""
+    s = ex.state
+    start, stop = max(first, pos - ex.before), min(first + len(acts), pos + ex.after + 1)
+    tokens = ex.atlas.str_tokens(window)[start:stop]
+    if mode == "importance":
+        values = np.zeros(stop - start)
+        values[: pos + 1 - start] = ex.importance_of(s.layer, s.neuron, window, pos)[start : pos + 1]
+    else:
+        values = acts[start - first : stop - first]
+    return (f'<div style="font-size:85%;color:#555">{html.escape(head)}</div>'
+            + viz.tokens_html(tokens, values, kind=mode, max_value=None if mode == "importance" else top_act,
+                              highlight=pos - start))
+
+
 def examples_html(ex: Explorer, title: str, clusters: np.ndarray, *, mode: str = "activation") -> str:
     """HTML of one tab's examples: central first, at most `max_examples`, `before`/`after` tokens of context
     around the activating token (outlined), tokens coloured by activation or by importance."""
@@ -642,19 +659,9 @@ def examples_html(ex: Explorer, title: str, clusters: np.ndarray, *, mode: str =
     for i in rows:
         window, pos = int(windows_[i]), int(positions[i])
         first, acts = _context(ex, data, int(i))
-        start, stop = max(first, pos - ex.before), min(first + len(acts), pos + ex.after + 1)
-        tokens = ex.atlas.str_tokens(window)[start:stop]
-        if mode == "importance":
-            values = np.zeros(stop - start)
-            values[: pos + 1 - start] = ex.importance_of(s.layer, s.neuron, window, pos)[start : pos + 1]
-        else:
-            values = acts[start - first : stop - first]
         star = "★ central · " if i in central else ""
-        head = (f'<div style="font-size:85%;color:#555">{star}cluster {s.labels[i]} · '
-                f'act {float(example_acts[i]):.2f} · window {window}, token {pos}</div>')
-        parts.append(head + viz.tokens_html(tokens, values, kind=mode,
-                                            max_value=None if mode == "importance" else top_act,
-                                            highlight=pos - start))
+        head = f"{star}cluster {s.labels[i]} · act {float(example_acts[i]):.2f} · window {window}, token {pos}"
+        parts.append(_example_html(ex, head, window, pos, first, acts, mode=mode, top_act=top_act))
     shown = f"{len(rows)} of {int(np.isin(s.labels, clusters).sum())} examples"
     intro = (f"<div><b>Cluster {html.escape(title)}</b> · {shown}, central first · tokens coloured by "
              f"{mode}{' for the outlined token' if mode == 'importance' else ''}</div>")
@@ -670,18 +677,11 @@ def band_html(ex: Explorer, rows: pd.DataFrame, *, mode: str = "activation") -> 
     bands = ex.atlas.settings.bands
     parts = []
     for r in rows.head(ex.max_examples).itertuples():
-        window, pos, first, acts = int(r.window), int(r.pos), int(r.start), np.asarray(r.acts, dtype=np.float64)
-        start, stop = max(first, pos - ex.before), min(first + len(acts), pos + ex.after + 1)
-        tokens = ex.atlas.str_tokens(window)[start:stop]
-        if mode == "importance":
-            values = np.zeros(stop - start)
-            values[: pos + 1 - start] = ex.importance_of(s.layer, s.neuron, window, pos)[start : pos + 1]
-        else:
-            values = acts[start - first : stop - first]
-        head = (f'<div style="font-size:85%;color:#555">band {int(r.band)} · act {float(r.act):.2f} '
-                f'({100 * float(r.act) / top_act:.0f}% of max) · window {window}, token {pos}</div>')
-        parts.append(head + viz.tokens_html(tokens, values, kind=mode, max_value=None if mode == "importance" else top_act,
-                                            highlight=pos - start))
+        window, pos = int(r.window), int(r.pos)
+        head = (f"band {int(r.band)} · act {float(r.act):.2f} ({100 * float(r.act) / top_act:.0f}% of max) · "
+                f"window {window}, token {pos}")
+        parts.append(_example_html(ex, head, window, pos, int(r.start), np.asarray(r.acts, dtype=np.float64),
+                                   mode=mode, top_act=top_act))
     low, high = 100 * s.band // bands, 100 * (s.band + 1) // bands
     intro = (f"<div><b>Band {s.band}</b> · activations in {low}-{high}% of the neuron's max · "
              f"{min(len(rows), ex.max_examples)} of {len(rows)} sampled examples (a fixed random sample of the corpus's "
