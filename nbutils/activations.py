@@ -327,20 +327,37 @@ def _forward(model: Any, plain_hf: bool) -> _Forward:
     return _Forward(model, n_layers, plain, modules, reads_input=path is None)
 
 
-def _batch_candidates(forward: _Forward, batch: Tensor, first_window: int) -> tuple[Tensor, Tensor]:
+def _batch_candidates(forward: _Forward, batch: Tensor, first_window: int, floor: Tensor) -> tuple[Tensor, Tensor]:
     """Run one batch up to the last MLP and reduce each layer's activations to one candidate per
     (neuron, window) on the device: the max over positions and where it is.
 
-    Returns (key, pos) `[n_layers * d_mlp, batch]` (`_order_key`); raises `ValueError` on NaN or inf.
+    Args:
+        floor: `[n_layers * d_mlp]` each neuron's lowest key in the running top-k (`_EMPTY` while a slot is free).
+
+    Returns (key, pos) `[n_layers * d_mlp, batch]` (`_order_key`). The position is found only for candidates
+    whose key is above their neuron's `floor` (the only ones that can enter the top-k); it is 0 elsewhere.
+    Raises `ValueError` on NaN or inf.
     """
-    n_layers = forward.n_layers
-    maxima: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
-    argmax: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
+    n_layers, n_batch, n_pos = forward.n_layers, batch.shape[0], batch.shape[1]
+    keys: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
+    where: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
+    ids = torch.arange(first_window, first_window + n_batch, device=batch.device)  # [batch]
 
     def reduce(layer: int):
         def hook(act: Tensor) -> None:  # act: [batch, pos, d_mlp] (OPT's plain model: [batch * pos, d_mlp])
-            act = act.reshape(batch.shape[0], batch.shape[1], -1)  # [batch, pos, d_mlp]
-            maxima[layer], argmax[layer] = act.float().max(dim=1)  # [batch, d_mlp] each
+            act = act.reshape(n_batch, n_pos, -1)  # [batch, pos, d_mlp]
+            d_mlp = act.shape[-1]
+            top = act.amax(dim=1).float().T  # [d_mlp, batch]; amax is far cheaper than max with indices
+            _check_finite(top, first_window)
+            key = _order_key(top, ids.expand_as(top))  # [d_mlp, batch]
+            enters = key > floor[layer * d_mlp : (layer + 1) * d_mlp, None]  # [d_mlp, batch]
+            if enters.float().mean() > 0.5:  # early in the corpus most candidates enter: one reduction for all
+                pos = act.max(dim=1).indices.T.to(torch.int32)  # [d_mlp, batch]
+            else:
+                neuron, window = torch.nonzero(enters, as_tuple=True)
+                pos = torch.zeros((d_mlp, n_batch), dtype=torch.int32, device=act.device)
+                pos[neuron, window] = act[window, :, neuron].max(dim=-1).indices.to(torch.int32)
+            keys[layer], where[layer] = key, pos
             if layer == n_layers - 1:
                 raise _StopForward  # nothing after the last MLP is needed
 
@@ -364,11 +381,7 @@ def _batch_candidates(forward: _Forward, batch: Tensor, first_window: int) -> tu
                     handle.remove()
     except _StopForward:
         pass
-    act = torch.stack(maxima).transpose(1, 2).reshape(-1, batch.shape[0])  # [n_layers * d_mlp, batch]
-    pos = torch.stack(argmax).transpose(1, 2).reshape(-1, batch.shape[0]).to(torch.int32)  # [n_layers * d_mlp, batch]
-    _check_finite(act, first_window)
-    ids = torch.arange(first_window, first_window + batch.shape[0], device=act.device)  # [batch]
-    return _order_key(act, ids.expand_as(act)), pos
+    return torch.cat(keys), torch.cat(where)  # [n_layers * d_mlp, batch] each
 
 
 def _check_finite(act: Tensor, first_window: int) -> None:
@@ -479,7 +492,8 @@ def _stream(
         with torch.inference_mode():
             for i, start in enumerate(range(done, n_windows, settings.batch_size)):
                 batch = windows[start : start + settings.batch_size].to(device)  # [batch, window]
-                state = _merge_topk(state, _batch_candidates(forward, batch, window_offset + start), settings.k)
+                floor = state[0].amin(dim=-1)  # [n_neurons]
+                state = _merge_topk(state, _batch_candidates(forward, batch, window_offset + start, floor), settings.k)
                 bar.update(batch.numel())
                 stop = start + batch.shape[0]
                 if run is not None and (i + 1) % checkpoint_every == 0 and stop < n_windows:

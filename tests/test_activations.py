@@ -56,9 +56,9 @@ def _count_batches(monkeypatch) -> list[int]:
     calls: list[int] = []
     original = activations._batch_candidates
 
-    def counting(model, batch, first_window):
+    def counting(model, batch, first_window, floor):
         calls.append(first_window)
-        return original(model, batch, first_window)
+        return original(model, batch, first_window, floor)
 
     monkeypatch.setattr(activations, "_batch_candidates", counting)
     return calls
