@@ -26,10 +26,12 @@ manifest only after its files are. A build that is killed at any point and start
 arguments verifies the finished steps, never redoes them, and resumes at the first unfinished (layer, step);
 the collection itself resumes from its last checkpoint. The result is identical to an uninterrupted build.
 
-**Memory** is bounded by one layer at a time: the collection state (`n_layers * d_mlp * k` slots, 20 bytes each),
-the pre-MLP vectors of one layer's distinct examples (`<= n_windows * window * d_model` floats, in practice far
-fewer) and that layer's tables. The similar step holds the central embedding of every feature
-(`n_features * d_model` float32) and streams the windows once for cross activations.
+**Memory** is bounded by a group of layers (`layers_tables`, 1.5 GiB by default) and never holds more than one
+layer's activations of a batch: the collection state (`n_layers * d_mlp * k` slots, 20 bytes each), the pre-MLP
+vectors of each grouped layer's distinct examples (`<= n_windows * window * d_model` float32: all tokens, at
+large k) with their context activations, and one layer's tables while it is clustered. The similar step holds
+the central embedding of every feature (`n_features * d_model` float32), every feature's example keys, and
+`n_features * n_similar * CROSS_MEMBERS` cross-activation requests, and streams the windows once for them.
 
 **Reading.** `Atlas.open(path)` needs no model. Tables are queried through DuckDB (embedded, no server) straight
 from the parquet files, so a query over millions of example rows loads only what it returns:
@@ -290,11 +292,13 @@ def _band_table(g: _Gather, layer: int, vocab: list[str], windows: Tensor, setti
                                                          "acts")}).astype({"layer": np.int64, "neuron": np.int64})
 
 
-def _layer_bytes(top: Any, layer: int, d_model: int, width: int, n_tokens: int) -> int:
+def _layer_bytes(top: Any, layer: int, d_model: int, settings: AtlasSettings, n_tokens: int) -> int:
     """Memory the pass holds for one layer: h of its distinct examples (float32; at most one per token of the
-    corpus) and the context activations of every example."""
+    corpus), the context activations and keys of every example, and the band sample with its contexts."""
     n = int(top._keep()[layer].sum())
-    return min(n, n_tokens) * 4 * d_model + n * 4 * width
+    width = settings.before + settings.after + 1
+    band = top.act.shape[1] * settings.bands * settings.per_band * (width + 4) * 4 * 2  # x2: while merging
+    return min(n, n_tokens) * 4 * d_model + n * (4 * width + 64) + band
 
 
 @torch.inference_mode()
@@ -322,29 +326,44 @@ def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], setti
             shape = (model.cfg.d_mlp, settings.bands, settings.per_band)
             out[layer].band = _bands._empty(shape)
             out[layer].band_context = torch.full((*shape, len(offsets)), float("nan"))
-    names = {layer: (hook_name(layer, kind, model), hook_name(layer, "post", model)) for layer in layers}
     device = next(model.parameters()).device
+    last = max(layers)
+    held: dict[int, Tensor] = {}  # h of the layer whose MLP is running, until its activations arrive
+
+    def read_h(layer: int, H: Tensor, lo: int, hi: int) -> None:
+        held[layer] = H.reshape(hi - lo, n_pos, -1)  # [batch, n_pos, d_model]
+
+    def read_post(layer: int, P: Tensor, lo: int, hi: int) -> None:
+        g, H = out[layer], held.pop(layer)
+        P = P.reshape(hi - lo, n_pos, -1)  # [batch, n_pos, d_mlp]
+        a, b = np.searchsorted(g.keys, [lo * n_pos, hi * n_pos])
+        k = torch.as_tensor(g.keys[a:b].copy())
+        g.h[a:b] = H[k // n_pos - lo, k % n_pos].float().cpu().numpy()
+        wid = g.examples["window"].to_numpy(np.int64)
+        rows = np.flatnonzero((wid >= lo) & (wid < hi))
+        at = g.examples["pos"].to_numpy(np.int64)[rows, None] + offsets  # [rows, width]
+        valid = (at >= 0) & (at < n_pos)
+        values = P[torch.as_tensor(wid[rows] - lo)[:, None], torch.as_tensor(np.clip(at, 0, n_pos - 1)),
+                   torch.as_tensor(g.examples["neuron"].to_numpy(np.int64)[rows])[:, None]]  # [rows, width]
+        g.context[rows] = np.where(valid, values.float().cpu().numpy(), np.nan)
+        if settings.bands:
+            _band_merge(g, P.cpu(), lo, n_pos, top.max_act[layer].float(), settings)
+        if layer == last:
+            raise activations._StopForward  # nothing after the deepest asked layer is needed
+
     bar = tqdm(total=n_windows * n_pos, unit="tok", unit_scale=True, disable=not progress, leave=False,
                desc=f"reading h of layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}")
     for lo in range(0, n_windows, settings.batch_size):
         hi = min(lo + settings.batch_size, n_windows)
-        _, cache_ = model.run_with_cache(windows[lo:hi].to(device), names_filter=[n for pair in names.values()
-                                                                                   for n in pair],
-                                         stop_at_layer=max(layers) + 1)
-        for layer, g in out.items():
-            H, P = (cache_[name].reshape(hi - lo, n_pos, -1) for name in names[layer])  # [batch, n_pos, d_model / d_mlp]
-            a, b = np.searchsorted(g.keys, [lo * n_pos, hi * n_pos])
-            k = torch.as_tensor(g.keys[a:b].copy())
-            g.h[a:b] = H[k // n_pos - lo, k % n_pos].float().cpu().numpy()
-            wid = g.examples["window"].to_numpy(np.int64)
-            rows = np.flatnonzero((wid >= lo) & (wid < hi))
-            at = g.examples["pos"].to_numpy(np.int64)[rows, None] + offsets  # [rows, width]
-            valid = (at >= 0) & (at < n_pos)
-            values = P[torch.as_tensor(wid[rows] - lo)[:, None], torch.as_tensor(np.clip(at, 0, n_pos - 1)),
-                       torch.as_tensor(g.examples["neuron"].to_numpy(np.int64)[rows])[:, None]]  # [rows, width]
-            g.context[rows] = np.where(valid, values.float().cpu().numpy(), np.nan)
-            if settings.bands:
-                _band_merge(g, P.cpu(), lo, n_pos, top.max_act[layer].float(), settings)
+        # hooks, not a cache: each layer's tensors are read and dropped as the forward pass goes, so one layer's
+        # activations are held at a time
+        hooks = [hook for layer in layers for hook in (
+            (hook_name(layer, kind, model), lambda t, hook, l=layer: read_h(l, t, lo, hi)),
+            (hook_name(layer, "post", model), lambda t, hook, l=layer: read_post(l, t, lo, hi)))]
+        try:
+            model.run_with_hooks(windows[lo:hi].to(device), fwd_hooks=hooks, return_type=None)
+        except activations._StopForward:
+            pass
         bar.update((hi - lo) * n_pos)
     bar.close()
     return out
@@ -359,15 +378,16 @@ def _layer_examples_of(model: Any, layer: int, g: _Gather, fold_ln: bool, n_pos:
 
 
 def layers_tables(model: Any, windows: Tensor, top: Any, layers: list[int], settings: AtlasSettings, *,
-                  memory_budget: int = 2 << 30, progress: bool = False) -> Iterator[LayerTables]:
+                  memory_budget: int = 3 << 29, progress: bool = False) -> Iterator[LayerTables]:
     """The `clusters` step of several layers, in process: consecutive layers are read in one pass while their
-    pre-MLP vectors fit in `memory_budget` bytes (a layer alone otherwise), then clustered one by one.
+    pre-MLP vectors fit in `memory_budget` bytes (default 1.5 GiB; a layer alone otherwise), then clustered one
+    by one. A larger budget means fewer passes (each up to its group's deepest layer), a smaller one less memory.
     The tables equal `layer_tables` of each layer alone."""
-    d_model, width = model.cfg.d_model, settings.before + settings.after + 1
+    d_model = model.cfg.d_model
     groups: list[list[int]] = []
     used = 0
     for layer in layers:
-        need = _layer_bytes(top, layer, d_model, width, int(windows.numel()))
+        need = _layer_bytes(top, layer, d_model, settings, int(windows.numel()))
         if groups and used + need <= memory_budget:
             groups[-1].append(layer)
             used += need
@@ -507,32 +527,50 @@ def _nearest_other(u: np.ndarray, owner: np.ndarray, k: int, chunk_bytes: int = 
 
 
 @torch.inference_mode()
-def _cross_acts(model: Any, windows: Tensor, requests: pd.DataFrame, batch_size: int) -> np.ndarray:
-    """Activation of neuron (`layer`, `neuron`) at (`window`, `pos`) for each request row, from one pass over the
-    distinct windows (up to the deepest layer asked for)."""
-    values = np.zeros(len(requests), dtype=np.float64)
-    if requests.empty:
+def _cross_acts(model: Any, windows: Tensor, window: np.ndarray, pos: np.ndarray, layer: np.ndarray,
+                neuron: np.ndarray, batch_size: int) -> np.ndarray:
+    """Activation of neuron (`layer[i]`, `neuron[i]`) at (`window[i]`, `pos[i]`) for every request i `[n]`, from
+    one pass over the distinct windows in batches of `batch_size`, up to the deepest layer asked for. Each layer's
+    activations are read as the pass reaches it and dropped, so memory holds one layer's batch at a time."""
+    values = np.zeros(len(window), dtype=np.float32)
+    if len(window) == 0:
         return values
-    wid = requests["window"].to_numpy(np.int64)
-    unique, inverse = np.unique(wid, return_inverse=True)
-    layers = sorted(int(l) for l in requests["layer"].unique())
-    names = [hook_name(l, "post", model) for l in layers]
+    order = np.argsort(window, kind="stable")  # requests by window
+    unique, starts = np.unique(window[order], return_index=True)
+    starts = np.append(starts, len(order))
+    layers = sorted(int(l) for l in np.unique(layer))
     device = next(model.parameters()).device
-    order = np.argsort(inverse, kind="stable")
-    bounds = np.searchsorted(inverse[order], np.arange(len(unique) + 1))
-    pos, layer, neuron = (torch.as_tensor(requests[c].to_numpy(np.int64).copy()) for c in ("pos", "layer", "neuron"))
-    step = max(1, batch_size * 4 // len(layers))  # every asked layer's activations of a batch are held at once
-    for lo in range(0, len(unique), step):
-        chunk = unique[lo : lo + step]
-        _, acts = model.run_with_cache(windows[torch.as_tensor(chunk)].to(device), names_filter=names,
-                                       stop_at_layer=layers[-1] + 1)
-        rows = torch.as_tensor(order[bounds[lo] : bounds[min(lo + step, len(unique))]])
-        local = torch.as_tensor(inverse)[rows] - lo
-        for l, name in zip(layers, names):
+    n_pos = windows.shape[1]
+    for lo in range(0, len(unique), batch_size):
+        hi = min(lo + batch_size, len(unique))
+        rows = order[starts[lo] : starts[hi]]  # the requests of these windows
+        local = np.searchsorted(unique[lo:hi], window[rows])  # [rows] window's row in the batch
+
+        def read(act: Tensor, hook: Any, l: int) -> None:
             sel = layer[rows] == l
-            block = acts[name].reshape(len(chunk), windows.shape[1], -1)  # [chunk, pos, d_mlp]
-            values[rows[sel].numpy()] = block[local[sel], pos[rows][sel], neuron[rows][sel]].float().cpu().numpy()
+            block = act.reshape(hi - lo, n_pos, -1)  # [batch, pos, d_mlp]
+            values[rows[sel]] = block[torch.as_tensor(local[sel]), torch.as_tensor(pos[rows][sel].astype(np.int64)),
+                                      torch.as_tensor(neuron[rows][sel].astype(np.int64))].float().cpu().numpy()
+            if l == layers[-1]:
+                raise activations._StopForward
+
+        hooks = [(hook_name(l, "post", model), lambda act, hook, l=l: read(act, hook, l)) for l in layers]
+        try:
+            model.run_with_hooks(windows[torch.as_tensor(unique[lo:hi])].to(device), fwd_hooks=hooks,
+                                 return_type=None)
+        except activations._StopForward:
+            pass
     return values
+
+
+def _csr(group: np.ndarray, values: list[np.ndarray], n_groups: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Rows sorted by `group` (stable): (offsets `[n_groups + 1]`, each of `values` in that order)."""
+    order = np.argsort(group, kind="stable")
+    offsets = np.searchsorted(group[order], np.arange(n_groups + 1))
+    return offsets, [v[order] for v in values]
+
+
+EXAMPLE_COLUMNS = ["layer", "neuron", "cluster", "window", "pos", "act"]  # what the similar step reads of `examples`
 
 
 def similar_table(model: Any, windows: Tensor, features: pd.DataFrame, vectors: pd.DataFrame,
@@ -542,7 +580,12 @@ def similar_table(model: Any, windows: Tensor, features: pd.DataFrame, vectors: 
 
     Args:
         features: the `features` rows of all layers; vectors: their central embeddings (`layer, neuron, cluster,
-            vector`); examples: layer -> that layer's `examples` table; max_act: `[n_layers, d_mlp]`.
+            vector`); examples: layer -> that layer's `examples` table (`EXAMPLE_COLUMNS` are enough); max_act:
+            `[n_layers, d_mlp]`.
+
+    Memory: the feature vectors `[n_features, d_model]`, one layer's examples at a time, every feature's example
+    keys (int64, one per example of a feature), and `n_features * n_similar * CROSS_MEMBERS` cross-activation
+    requests (a few int32 arrays), in plain numpy.
     """
     columns = ["layer", "neuron", "cluster", "rank", "other_layer", "other_neuron", "other_cluster", "other_size",
                "similarity", "shared_examples", "cross_act"]
@@ -552,50 +595,73 @@ def similar_table(model: Any, windows: Tensor, features: pd.DataFrame, vectors: 
         raise CacheError(f"{len(features) - len(feats)} features have no stored central embedding; rebuild the atlas.")
     if len(feats) < 2:
         return pd.DataFrame(columns=columns)
+    feats = feats.sort_values(keys).reset_index(drop=True)
     x = np.stack(feats["vector"].to_numpy()).astype(np.float32)  # [n_features, d_model]
+    feats = feats.drop(columns="vector")
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     u = x / np.where(norms > 0, norms, 1.0)
+    del x
     d_mlp = int(max_act.shape[1])
-    owner = feats["layer"].to_numpy() * d_mlp + feats["neuron"].to_numpy()
+    f_layer, f_neuron, f_cluster = (feats[c].to_numpy(np.int64) for c in keys)
+    owner = f_layer * d_mlp + f_neuron
     ind, sim = _nearest_other(u, owner, settings.n_similar)
+    del u
     i_idx, rank = np.nonzero(ind >= 0)
     j_idx = ind[i_idx, rank]
     pairs = pd.DataFrame({  # one row per (feature, rank)
-        "layer": feats["layer"].to_numpy()[i_idx], "neuron": feats["neuron"].to_numpy()[i_idx],
-        "cluster": feats["cluster"].to_numpy()[i_idx], "rank": rank.astype(np.int64),
-        "other_layer": feats["layer"].to_numpy()[j_idx], "other_neuron": feats["neuron"].to_numpy()[j_idx],
-        "other_cluster": feats["cluster"].to_numpy()[j_idx], "other_size": feats["size"].to_numpy()[j_idx],
-        "similarity": sim[i_idx, rank].astype(np.float32),
+        "layer": f_layer[i_idx], "neuron": f_neuron[i_idx], "cluster": f_cluster[i_idx], "rank": rank.astype(np.int64),
+        "other_layer": f_layer[j_idx], "other_neuron": f_neuron[j_idx], "other_cluster": f_cluster[j_idx],
+        "other_size": feats["size"].to_numpy(np.int64)[j_idx], "similarity": sim[i_idx, rank].astype(np.float32),
     })
-    # members of every feature: example keys window * n_pos + pos
-    members: dict[tuple[int, int, int], np.ndarray] = {}
-    top_members: list[pd.DataFrame] = []
-    for layer in sorted(feats["layer"].unique()):
+    # every feature's examples, one layer at a time: keys window * n_pos + pos (sorted, for the overlap) and its
+    # CROSS_MEMBERS highest (the examples a similar feature's neuron is run on)
+    n_feats = len(feats)
+    code = owner << 32 | f_cluster  # [n_features] sorted, as `feats` is
+    member_parts, member_feat, top_parts = [], [], []
+    for layer in np.unique(f_layer):
         ex = examples(int(layer))
-        ex = ex.merge(feats[feats["layer"] == layer][keys], on=keys)
-        key = ex["window"].to_numpy(np.int64) * n_pos + ex["pos"].to_numpy(np.int64)
-        for (l, nrn, c), rows in ex.assign(key=key).groupby(keys, sort=False)["key"]:
-            members[(int(l), int(nrn), int(c))] = np.sort(rows.to_numpy())
-        top_members.append(ex.sort_values(keys + ["act"], ascending=[True, True, True, False], kind="stable")
-                           .groupby(keys, sort=False).head(CROSS_MEMBERS)[keys + ["window", "pos"]])
-    shared = np.zeros(len(pairs))
-    for r, (l, nrn, c, ol, on, oc) in enumerate(pairs[keys + ["other_layer", "other_neuron", "other_cluster"]]
-                                                .itertuples(index=False, name=None)):
-        a, b = members[(l, nrn, c)], members[(ol, on, oc)]
+        ex_code = (ex["layer"].to_numpy(np.int64) * d_mlp + ex["neuron"].to_numpy(np.int64)) << 32 \
+            | ex["cluster"].to_numpy(np.int64)
+        fid = np.minimum(np.searchsorted(code, ex_code), n_feats - 1)  # [n_examples] the example's feature
+        keep = code[fid] == ex_code  # examples of clusters too small to be features are left out
+        fid, act = fid[keep], ex["act"].to_numpy(np.float32)[keep]
+        key = ex["window"].to_numpy(np.int64)[keep] * n_pos + ex["pos"].to_numpy(np.int64)[keep]
+        del ex
+        by_key = np.lexsort((key, fid))
+        member_parts.append(key[by_key])
+        member_feat.append(fid[by_key])
+        by_act = np.lexsort((-act, fid))  # within a feature: highest act first (ties: table order)
+        f_sorted = fid[by_act]
+        first = np.searchsorted(f_sorted, f_sorted, side="left")
+        top = by_act[np.arange(len(by_act)) - first < CROSS_MEMBERS]
+        top_parts.append((fid[top], key[top]))
+    member_key = np.concatenate(member_parts)
+    member_offsets = np.searchsorted(np.concatenate(member_feat), np.arange(n_feats + 1))
+    del member_parts, member_feat
+    shared = np.zeros(len(pairs), dtype=np.float32)
+    for r, (i, j) in enumerate(zip(i_idx.tolist(), j_idx.tolist())):
+        a = member_key[member_offsets[i] : member_offsets[i + 1]]
+        b = member_key[member_offsets[j] : member_offsets[j + 1]]
         inter = len(np.intersect1d(a, b, assume_unique=True))
         shared[r] = inter / (len(a) + len(b) - inter)
-    pairs["shared_examples"] = shared.astype(np.float32)
-    # cross activation: the other neuron on this feature's top members
-    tm = pd.concat(top_members, ignore_index=True)
-    req = pairs[keys + ["other_layer", "other_neuron"]].reset_index().rename(columns={"index": "pair"})
-    req = req.merge(tm, on=keys)
-    requests = pd.DataFrame({"window": req["window"], "pos": req["pos"], "layer": req["other_layer"],
-                             "neuron": req["other_neuron"]})
-    vals = _cross_acts(model, windows, requests, settings.batch_size)
-    scale = max_act[req["other_layer"].to_numpy(), req["other_neuron"].to_numpy()].astype(np.float64)
+    pairs["shared_examples"] = shared
+    del member_key
+    # cross activation: the other neuron on this feature's top members, as flat int32 request arrays
+    tm_offsets, (tm_key,) = _csr(np.concatenate([t[0] for t in top_parts]),
+                                 [np.concatenate([t[1] for t in top_parts])], n_feats)
+    counts = (tm_offsets[1:] - tm_offsets[:-1])[i_idx]  # [n_pairs] requests of each pair
+    pair = np.repeat(np.arange(len(pairs), dtype=np.int64), counts)  # [n_requests]
+    member = np.repeat(tm_offsets[:-1][i_idx], counts) + (np.arange(len(pair)) - np.repeat(np.cumsum(counts) - counts,
+                                                                                            counts))
+    req_key = tm_key[member]
+    del member
+    other_layer, other_neuron = f_layer[j_idx][pair], f_neuron[j_idx][pair]
+    vals = _cross_acts(model, windows, (req_key // n_pos).astype(np.int32), (req_key % n_pos).astype(np.int32),
+                       other_layer.astype(np.int32), other_neuron.astype(np.int32), settings.batch_size)
+    del req_key
+    scale = max_act[other_layer, other_neuron].astype(np.float64)
     rel = np.where(scale > 0, vals / np.where(scale > 0, scale, 1.0), np.nan)
-    sums = np.bincount(req["pair"].to_numpy(), weights=rel, minlength=len(pairs))
-    counts = np.bincount(req["pair"].to_numpy(), minlength=len(pairs))
+    sums = np.bincount(pair, weights=rel, minlength=len(pairs))
     pairs["cross_act"] = (sums / np.maximum(counts, 1)).astype(np.float32)
     return pairs[columns].sort_values(["layer", "neuron", "cluster", "rank"]).reset_index(drop=True)
 
@@ -896,7 +962,8 @@ def build_atlas(
             vecs = pd.concat([pd.read_parquet(folder.file(_layer_file("vectors", l))) for l in layer_list],
                              ignore_index=True)
             table = similar_table(model, windows, feats, vecs,
-                                  lambda l: pd.read_parquet(folder.file(_layer_file("examples", l))),
+                                  lambda l: pd.read_parquet(folder.file(_layer_file("examples", l)),
+                                                            columns=EXAMPLE_COLUMNS),
                                   top.max_act.numpy(), settings, int(windows.shape[1]))
             folder.finish("similar", {"similar.parquet": table}, time.perf_counter() - started)
         bar.update(1)
