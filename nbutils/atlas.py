@@ -69,7 +69,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from nbutils import _env, activations, cache, clustering, embeddings
+from nbutils import _env, activations, cache, clustering, embeddings, viz
 from nbutils._validation import check_choice, check_int_range, fail
 from nbutils.cache import CacheError
 from nbutils.models import check_windows, hook_name
@@ -201,22 +201,6 @@ def token_label(tokens: Iterable[str], *, n: int = LABEL_TOKENS) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # The per-layer steps (pure functions of the model, windows and collection)
-
-
-def _map_2d(e: np.ndarray) -> np.ndarray:
-    """`[n, 2]` float32: PCA of the unit rows of `e` (the neuron's map; signs fixed so it is deterministic)."""
-    n = len(e)
-    if n < 2:
-        return np.zeros((n, 2), dtype=np.float32)
-    norms = np.linalg.norm(e, axis=1, keepdims=True)
-    u = e / np.where(norms > 0, norms, 1.0)  # [n, d]
-    centred = u - u.mean(axis=0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    coords = np.zeros((n, 2))
-    k = min(2, vt.shape[0])
-    coords[:, :k] = centred @ vt[:k].T  # [n, k]
-    flip = np.sign(coords[np.abs(coords).argmax(axis=0), np.arange(2)])  # largest |coordinate| positive
-    return (coords * np.where(flip == 0, 1.0, flip)).astype(np.float32)
 
 
 def _shown_rows(labels: np.ndarray, centres: np.ndarray, shown: int) -> np.ndarray:
@@ -439,7 +423,7 @@ def _cluster_layer(model: Any, windows: Tensor, top: Any, layer: int, g: _Gather
             cluster[lo:hi] = labels
             central[lo + centres] = True
             shown[lo + _shown_rows(labels, centres, settings.shown)] = True
-            xy[lo:hi] = _map_2d(e)
+            xy[lo:hi] = viz.pca_2d(e)
             stats.append((hi - lo, len(sizes), int((sizes == 1).sum()), clustering.effective_n_clusters(labels),
                           clustering._mono_from_similarity(sim), int(sizes[0])))
             for c in np.flatnonzero(sizes >= settings.min_size):

@@ -32,6 +32,7 @@ __all__ = [
     "COLOURS",
     "Layout2D",
     "layout_2d",
+    "pca_2d",
     "umap_plot",
     "figure_png",
     "polysemy_plot",
@@ -71,6 +72,22 @@ def _unit_rows(e: np.ndarray) -> np.ndarray:
     return e / np.where(norms > 0, norms, 1.0)  # [n, d]
 
 
+def pca_2d(e: Float[np.ndarray, "n d"]) -> np.ndarray:
+    """`[n, 2]` float32: the first two principal components of the unit rows of `e`, signs fixed (each
+    component's largest coordinate positive) so the same rows always give the same map; zeros below 2 rows."""
+    n = len(e)
+    if n < 2:
+        return np.zeros((n, 2), dtype=np.float32)
+    u = _unit_rows(e)
+    centred = u - u.mean(axis=0)  # [n, d]
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    coords = np.zeros((n, 2))
+    k = min(2, vt.shape[0])
+    coords[:, :k] = centred @ vt[:k].T  # [n, k]
+    flip = np.sign(coords[np.abs(coords).argmax(axis=0), np.arange(2)])
+    return (coords * np.where(flip == 0, 1.0, flip)).astype(np.float32)
+
+
 def _cosine_knn(u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours of unit rows under cosine distance, each point first in its own list."""
     dist = np.clip(1.0 - u @ u.T, 0.0, 2.0)  # [n, n]
@@ -105,11 +122,7 @@ def layout_2d(
     u = _unit_rows(e)  # [n, d]
     n = len(u)
     if n < UMAP_MIN_POINTS:
-        centred = u - u.mean(axis=0)  # [n, d]
-        _, s, vt = np.linalg.svd(centred, full_matrices=False)
-        coords = np.zeros((n, 2))
-        k = min(2, len(s))
-        coords[:, :k] = centred @ vt[:k].T  # [n, k]
+        coords = pca_2d(u).astype(np.float64)
         note = f"fallback: too few examples for UMAP ({n} < {UMAP_MIN_POINTS}), PCA shown"
         return Layout2D(coords, "pca", note)
     import umap  # slow import (~4 s): only when a map is drawn
