@@ -430,7 +430,9 @@ class VirtualNeurons:
     i's gate g_i at its top example) and `w_up_v = sum_i w_up_i / t_i` (`t_i`: its up value u_i there; sign
     included, though it is positive whenever `s_i > 0`, since `act(s_i) t_i` is the source's positive top
     activation), biases likewise; so each source's gate term and up term are 1 at its own top example. The
-    virtual activation is `act(g_v) * u_v` with `g_v = h . w_v + b_v`, `u_v = h . w_up_v + b_up_v`.
+    virtual activation is `act(g_v) * u_v` with `g_v = h . w_v + b_v`, `u_v = h . w_up_v + b_up_v`. Unlike the
+    plain sum, this product has cross terms (one source's gate opening another's up value), so an example can
+    be driven by two sources together; its label is still the single source whose own term is largest.
 
     Weights are in the folded norm convention (`embeddings.mlp_in_weights`).
 
