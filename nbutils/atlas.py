@@ -489,19 +489,23 @@ def features_table(examples: pd.DataFrame, min_size: int) -> pd.DataFrame:
 # The similar step (all layers together)
 
 
-def _nearest_other(u: np.ndarray, owner: np.ndarray, k: int, chunk_bytes: int = 1 << 28) -> tuple[np.ndarray, np.ndarray]:
+def _nearest_other(u: np.ndarray, owner: np.ndarray, k: int, chunk_bytes: int = 1 << 28, progress: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest rows by cosine among rows of *other* owners (neurons). `u` unit rows `[n, d]` float32.
-    Returns (indices `[n, k]`, -1 where fewer exist; similarities `[n, k]`), most similar first, ties by index."""
+    Returns (indices `[n, k]`, -1 where fewer exist; similarities `[n, k]`), most similar first, equal
+    similarities by index."""
+    from tqdm.auto import tqdm
+
     n = len(u)
     ind = np.full((n, k), -1, dtype=np.int64)
     sim = np.full((n, k), np.nan, dtype=np.float32)
+    kk = min(k, n)
     step = max(1, chunk_bytes // max(1, 4 * n))
-    for lo in range(0, n, step):
-        block = u[lo : lo + step] @ u.T  # [chunk, n]
-        block[owner[lo : lo + step, None] == owner[None, :]] = -np.inf  # not itself, not its own neuron
-        kk = min(k, n)
-        part = np.argpartition(-block, kk - 1, axis=1)[:, :kk] if kk < n else np.tile(np.arange(n), (len(block), 1))
-        vals = np.take_along_axis(block, part, axis=1)
+    ut, own = torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32)), torch.from_numpy(np.asarray(owner))
+    for lo in tqdm(range(0, n, step), desc="nearest features", unit="block", disable=not progress, leave=False):
+        block = ut[lo : lo + step] @ ut.T  # [chunk, n]
+        block.masked_fill_(own[lo : lo + step, None] == own[None, :], float("-inf"))  # not itself, not its own neuron
+        vals, part = (t.numpy() for t in torch.topk(block, kk, dim=1))  # [chunk, kk]
         order = np.lexsort((part, -vals), axis=1)  # by similarity desc, then index
         part, vals = np.take_along_axis(part, order, axis=1), np.take_along_axis(vals, order, axis=1)
         valid = np.isfinite(vals)
@@ -512,7 +516,7 @@ def _nearest_other(u: np.ndarray, owner: np.ndarray, k: int, chunk_bytes: int = 
 
 @torch.inference_mode()
 def _cross_acts(model: Any, windows: Tensor, window: np.ndarray, pos: np.ndarray, layer: np.ndarray,
-                neuron: np.ndarray, batch_size: int) -> np.ndarray:
+                neuron: np.ndarray, batch_size: int, progress: bool = False) -> np.ndarray:
     """Activation of neuron (`layer[i]`, `neuron[i]`) at (`window[i]`, `pos[i]`) for every request i `[n]`, from
     one pass over the distinct windows in batches of `batch_size`, up to the deepest layer asked for. Each layer's
     activations are read as the pass reaches it and dropped, so memory holds one layer's batch at a time."""
@@ -525,7 +529,10 @@ def _cross_acts(model: Any, windows: Tensor, window: np.ndarray, pos: np.ndarray
     layers = sorted(int(l) for l in np.unique(layer))
     device = next(model.parameters()).device
     n_pos = windows.shape[1]
-    for lo in range(0, len(unique), batch_size):
+    from tqdm.auto import tqdm
+
+    for lo in tqdm(range(0, len(unique), batch_size), desc="cross activations", unit="batch", disable=not progress,
+                   leave=False):
         hi = min(lo + batch_size, len(unique))
         rows = order[starts[lo] : starts[hi]]  # the requests of these windows
         local = np.searchsorted(unique[lo:hi], window[rows])  # [rows] window's row in the batch
@@ -559,7 +566,7 @@ EXAMPLE_COLUMNS = ["layer", "neuron", "cluster", "window", "pos", "act"]  # what
 
 def similar_table(model: Any, windows: Tensor, features: pd.DataFrame, vectors: pd.DataFrame,
                   examples: Callable[[int], pd.DataFrame], max_act: np.ndarray, settings: AtlasSettings,
-                  n_pos: int) -> pd.DataFrame:
+                  n_pos: int, progress: bool = False) -> pd.DataFrame:
     """The `similar` step: for every feature, its `n_similar` nearest features of other neurons (any layer).
 
     Args:
@@ -588,7 +595,7 @@ def similar_table(model: Any, windows: Tensor, features: pd.DataFrame, vectors: 
     d_mlp = int(max_act.shape[1])
     f_layer, f_neuron, f_cluster = (feats[c].to_numpy(np.int64) for c in keys)
     owner = f_layer * d_mlp + f_neuron
-    ind, sim = _nearest_other(u, owner, settings.n_similar)
+    ind, sim = _nearest_other(u, owner, settings.n_similar, progress=progress)
     del u
     i_idx, rank = np.nonzero(ind >= 0)
     j_idx = ind[i_idx, rank]
@@ -641,7 +648,7 @@ def similar_table(model: Any, windows: Tensor, features: pd.DataFrame, vectors: 
     del member
     other_layer, other_neuron = f_layer[j_idx][pair], f_neuron[j_idx][pair]
     vals = _cross_acts(model, windows, (req_key // n_pos).astype(np.int32), (req_key % n_pos).astype(np.int32),
-                       other_layer.astype(np.int32), other_neuron.astype(np.int32), settings.batch_size)
+                       other_layer.astype(np.int32), other_neuron.astype(np.int32), settings.batch_size, progress)
     del req_key
     scale = max_act[other_layer, other_neuron].astype(np.float64)
     rel = np.where(scale > 0, vals / np.where(scale > 0, scale, 1.0), np.nan)
@@ -948,7 +955,7 @@ def build_atlas(
             table = similar_table(model, windows, feats, vecs,
                                   lambda l: pd.read_parquet(folder.file(_layer_file("examples", l)),
                                                             columns=EXAMPLE_COLUMNS),
-                                  top.max_act.numpy(), settings, int(windows.shape[1]))
+                                  top.max_act.numpy(), settings, int(windows.shape[1]), progress=progress)
             folder.finish("similar", {"similar.parquet": table}, time.perf_counter() - started)
         bar.update(1)
     finally:
