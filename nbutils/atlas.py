@@ -564,37 +564,51 @@ def _csr(group: np.ndarray, values: list[np.ndarray], n_groups: int) -> tuple[np
 EXAMPLE_COLUMNS = ["layer", "neuron", "cluster", "window", "pos", "act"]  # what the similar step reads of `examples`
 
 
-def similar_table(model: Any, windows: Tensor, features: pd.DataFrame, vectors: pd.DataFrame,
+def similar_table(model: Any, windows: Tensor, features: pd.DataFrame, vectors: Callable[[int], pd.DataFrame],
                   examples: Callable[[int], pd.DataFrame], max_act: np.ndarray, settings: AtlasSettings,
                   n_pos: int, progress: bool = False) -> pd.DataFrame:
     """The `similar` step: for every feature, its `n_similar` nearest features of other neurons (any layer).
 
     Args:
-        features: the `features` rows of all layers; vectors: their central embeddings (`layer, neuron, cluster,
-            vector`); examples: layer -> that layer's `examples` table (`EXAMPLE_COLUMNS` are enough); max_act:
-            `[n_layers, d_mlp]`.
+        features: the `features` rows of all layers; vectors: layer -> the central embeddings of that layer's
+            features (`layer, neuron, cluster, vector`); examples: layer -> that layer's `examples` table
+            (`EXAMPLE_COLUMNS` are enough); max_act: `[n_layers, d_mlp]`.
 
-    Memory: the feature vectors `[n_features, d_model]`, one layer's examples at a time, every feature's example
-    keys (int64, one per example of a feature), and `n_features * n_similar * CROSS_MEMBERS` cross-activation
-    requests (a few int32 arrays), in plain numpy.
+    Memory: the unit feature vectors (`[n_features, d_model]` float32, filled a layer at a time), one layer's
+    examples at a time, every feature's example keys (int64, one per example of a feature), and
+    `n_features * n_similar * CROSS_MEMBERS` cross-activation requests (a few int32 arrays), in plain numpy.
     """
     columns = ["layer", "neuron", "cluster", "rank", "other_layer", "other_neuron", "other_cluster", "other_size",
                "similarity", "shared_examples", "cross_act"]
     keys = ["layer", "neuron", "cluster"]
-    feats = features[keys + ["size"]].merge(vectors, on=keys, how="inner")
-    if len(feats) != len(features):
-        raise CacheError(f"{len(features) - len(feats)} features have no stored central embedding; rebuild the atlas.")
+    feats = features[keys + ["size"]].sort_values(keys).reset_index(drop=True)
     if len(feats) < 2:
         return pd.DataFrame(columns=columns)
-    feats = feats.sort_values(keys).reset_index(drop=True)
-    x = np.stack(feats["vector"].to_numpy()).astype(np.float32)  # [n_features, d_model]
-    feats = feats.drop(columns="vector")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    u = x / np.where(norms > 0, norms, 1.0)
-    del x
-    d_mlp = int(max_act.shape[1])
+    d_mlp, n_feats = int(max_act.shape[1]), len(feats)
     f_layer, f_neuron, f_cluster = (feats[c].to_numpy(np.int64) for c in keys)
     owner = f_layer * d_mlp + f_neuron
+    code = owner << 32 | f_cluster  # [n_features] sorted, as `feats` is
+
+    def feature_index(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's feature (row of `feats`) and whether it has one (clusters too small to be features don't)."""
+        row_code = (table["layer"].to_numpy(np.int64) * d_mlp + table["neuron"].to_numpy(np.int64)) << 32 \
+            | table["cluster"].to_numpy(np.int64)
+        fid = np.minimum(np.searchsorted(code, row_code), n_feats - 1)
+        return fid, code[fid] == row_code
+
+    u, found = None, np.zeros(n_feats, dtype=bool)
+    for layer in np.unique(f_layer):
+        v = vectors(int(layer))
+        fid, ok = feature_index(v)
+        if u is None:
+            u = np.zeros((n_feats, len(v["vector"].iloc[0])), dtype=np.float32)  # [n_features, d_model]
+        if ok.any():
+            u[fid[ok]] = np.stack(v["vector"].to_numpy()[ok])
+        found[fid[ok]] = True
+        del v
+    if not found.all():
+        raise CacheError(f"{int((~found).sum())} features have no stored central embedding; rebuild the atlas.")
+    u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), np.finfo(np.float32).tiny)  # unit rows, in place
     ind, sim = _nearest_other(u, owner, settings.n_similar, progress=progress)
     del u
     i_idx, rank = np.nonzero(ind >= 0)
@@ -606,15 +620,10 @@ def similar_table(model: Any, windows: Tensor, features: pd.DataFrame, vectors: 
     })
     # every feature's examples, one layer at a time: keys window * n_pos + pos (sorted, for the overlap) and its
     # CROSS_MEMBERS highest (the examples a similar feature's neuron is run on)
-    n_feats = len(feats)
-    code = owner << 32 | f_cluster  # [n_features] sorted, as `feats` is
     member_parts, member_feat, top_parts = [], [], []
     for layer in np.unique(f_layer):
         ex = examples(int(layer))
-        ex_code = (ex["layer"].to_numpy(np.int64) * d_mlp + ex["neuron"].to_numpy(np.int64)) << 32 \
-            | ex["cluster"].to_numpy(np.int64)
-        fid = np.minimum(np.searchsorted(code, ex_code), n_feats - 1)  # [n_examples] the example's feature
-        keep = code[fid] == ex_code  # examples of clusters too small to be features are left out
+        fid, keep = feature_index(ex)
         fid, act = fid[keep], ex["act"].to_numpy(np.float32)[keep]
         key = ex["window"].to_numpy(np.int64)[keep] * n_pos + ex["pos"].to_numpy(np.int64)[keep]
         del ex
@@ -950,9 +959,7 @@ def build_atlas(
             started = time.perf_counter()
             feats = pd.concat([pd.read_parquet(folder.file(_layer_file("features", l))) for l in layer_list],
                               ignore_index=True)
-            vecs = pd.concat([pd.read_parquet(folder.file(_layer_file("vectors", l))) for l in layer_list],
-                             ignore_index=True)
-            table = similar_table(model, windows, feats, vecs,
+            table = similar_table(model, windows, feats, lambda l: pd.read_parquet(folder.file(_layer_file("vectors", l))),
                                   lambda l: pd.read_parquet(folder.file(_layer_file("examples", l)),
                                                             columns=EXAMPLE_COLUMNS),
                                   top.max_act.numpy(), settings, int(windows.shape[1]), progress=progress)
