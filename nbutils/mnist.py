@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import pandas as pd
@@ -321,24 +321,19 @@ def train_sae(
         ValueError: `mono_coef < 0`, bad images, other bad settings.
     """
     mlp = _check_mlp(mlp)
-    cfg = _sae_config(mono_coef, n_latents, l1_coef, mono_form=mono_form, steps=steps, seed=seed, **config)
+    cfg = _sae_config(dict(mono_coef=mono_coef, n_latents=n_latents, l1_coef=l1_coef, mono_form=mono_form,
+                           steps=steps, seed=seed, **config))
     sae = train_sae_on(hidden_activations(mlp, X), cfg, progress=progress)
     sae.source = mlp.fingerprint()
     return sae
 
 
-def _sae_config(
-    mono_coef: float = 0.0,
-    n_latents: int = 512,
-    l1_coef: float = SAEConfig.l1_coef,
-    *,
-    mono_form: str = SAEConfig.mono_form,
-    steps: int = SAEConfig.steps,
-    seed: int = 0,
-    **config,
-) -> SAEConfig:
-    """The `SAEConfig` of `train_sae` with these arguments (one place for its defaults)."""
-    return SAEConfig(n_latents=n_latents, l1_coef=l1_coef, mono_coef=mono_coef, mono_form=mono_form, steps=steps, seed=seed, **config)
+def _sae_config(settings: dict) -> SAEConfig:
+    """The `SAEConfig` of `train_sae` keyword arguments (`SAEConfig` holds the defaults); unknown names raise."""
+    unknown = sorted(set(settings) - {f.name for f in fields(SAEConfig)})
+    if unknown:
+        raise TypeError(f"Unknown SAE settings {unknown}; the settings are the fields of nbutils.sae.SAEConfig.")
+    return SAEConfig(**settings)
 
 
 def train_saes(
@@ -363,7 +358,7 @@ def train_saes(
     for i, kwargs in enumerate(settings):
         if not isinstance(kwargs, dict):
             raise TypeError(f"`settings` must hold dicts of train_sae keyword arguments; got {type(kwargs).__name__} at position {i}.")
-        configs.append(_sae_config(**kwargs))
+        configs.append(_sae_config(kwargs))
     saes = train_saes_on(hidden_activations(mlp, X), configs, workers=workers, progress=progress)
     source = mlp.fingerprint()
     for sae in saes:

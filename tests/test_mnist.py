@@ -176,6 +176,8 @@ def test_parallel_training_is_identical_to_one_by_one(mlp, digits):
         mnist.train_saes(mlp, X, [SAEConfig()])
     with pytest.raises(ValueError, match=r"`workers` must be in 1\.\."):
         mnist.train_saes(mlp, X, settings, workers=0)
+    with pytest.raises(TypeError, match=r"Unknown SAE settings \['stepz'\]; the settings are the fields of"):
+        mnist.train_saes(mlp, X, [{"stepz": 5}])
     with pytest.raises(TypeError, match="`configs` must hold nbutils.sae.SAEConfig objects; got dict"):
         sae_mod.train_saes_on(mnist.hidden_activations(mlp, X), [{"steps": 5}])
 
