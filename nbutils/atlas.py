@@ -599,6 +599,8 @@ def similar_table(model: Any, windows: Tensor, features: pd.DataFrame, vectors: 
     u, found = None, np.zeros(n_feats, dtype=bool)
     for layer in np.unique(f_layer):
         v = vectors(int(layer))
+        if v.empty:
+            continue  # its features are reported missing below
         fid, ok = feature_index(v)
         if u is None:
             u = np.zeros((n_feats, len(v["vector"].iloc[0])), dtype=np.float32)  # [n_features, d_model]

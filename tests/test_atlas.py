@@ -189,6 +189,20 @@ def test_foreign_truncated_and_mismatched_files_are_refused(built, model, window
         atlas.build_atlas(model, windows, k=K + 1, out=built.path, progress=False)
 
 
+def test_similar_step_refuses_features_without_a_central_embedding(built, model, windows):
+    feats = built.table("features")
+    layer = int(feats["layer"].iloc[0])
+
+    def vectors(l: int) -> pd.DataFrame:
+        table = pd.read_parquet(built.path / f"vectors/layer={l:03d}.parquet")
+        return table.iloc[:0] if l == layer else table.iloc[1:] if l == layer + 1 else table
+
+    n_missing = int((feats["layer"] == layer).sum()) + int((feats["layer"] == layer + 1).any())
+    with pytest.raises(CacheError, match=f"^{n_missing} features have no stored central embedding; rebuild"):
+        atlas.similar_table(model, windows, feats, vectors, lambda l: built.table("examples", l),
+                            built.top.max_act.numpy(), built.settings, int(windows.shape[1]))
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(layers=[9]), ValueError, "`layers` must be in 0..3"),
     (dict(layers="0"), TypeError, "`layers` must be a list"),
