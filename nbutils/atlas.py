@@ -311,7 +311,6 @@ def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], setti
             out[layer].band = _bands._empty(shape)
             out[layer].band_context = torch.full((*shape, len(offsets)), float("nan"))
     device = next(model.parameters()).device
-    last = max(layers)
     held: dict[int, Tensor] = {}  # h of the layer whose MLP is running, until its activations arrive
 
     def read_h(layer: int, H: Tensor, lo: int, hi: int) -> None:
@@ -332,8 +331,6 @@ def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], setti
         g.context[rows] = np.where(valid, values.float().cpu().numpy(), np.nan)
         if settings.bands:
             _band_merge(g, P.cpu(), lo, n_pos, top.max_act[layer].float(), settings)
-        if layer == last:
-            raise activations._StopForward  # nothing after the deepest asked layer is needed
 
     bar = tqdm(total=n_windows * n_pos, unit="tok", unit_scale=True, disable=not progress, leave=False,
                desc=f"reading h of layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}")
@@ -344,10 +341,8 @@ def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], setti
         hooks = [hook for layer in layers for hook in (
             (hook_name(layer, kind, model), lambda t, hook, l=layer: read_h(l, t, lo, hi)),
             (hook_name(layer, "post", model), lambda t, hook, l=layer: read_post(l, t, lo, hi)))]
-        try:
-            model.run_with_hooks(windows[lo:hi].to(device), fwd_hooks=hooks, return_type=None)
-        except activations._StopForward:
-            pass
+        model.run_with_hooks(windows[lo:hi].to(device), fwd_hooks=hooks, return_type=None,
+                             stop_at_layer=max(layers) + 1)
         bar.update((hi - lo) * n_pos)
     bar.close()
     return out
@@ -542,23 +537,11 @@ def _cross_acts(model: Any, windows: Tensor, window: np.ndarray, pos: np.ndarray
             block = act.reshape(hi - lo, n_pos, -1)  # [batch, pos, d_mlp]
             values[rows[sel]] = block[torch.as_tensor(local[sel]), torch.as_tensor(pos[rows][sel].astype(np.int64)),
                                       torch.as_tensor(neuron[rows][sel].astype(np.int64))].float().cpu().numpy()
-            if l == layers[-1]:
-                raise activations._StopForward
 
         hooks = [(hook_name(l, "post", model), lambda act, hook, l=l: read(act, hook, l)) for l in layers]
-        try:
-            model.run_with_hooks(windows[torch.as_tensor(unique[lo:hi])].to(device), fwd_hooks=hooks,
-                                 return_type=None)
-        except activations._StopForward:
-            pass
+        model.run_with_hooks(windows[torch.as_tensor(unique[lo:hi])].to(device), fwd_hooks=hooks, return_type=None,
+                             stop_at_layer=layers[-1] + 1)
     return values
-
-
-def _csr(group: np.ndarray, values: list[np.ndarray], n_groups: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Rows sorted by `group` (stable): (offsets `[n_groups + 1]`, each of `values` in that order)."""
-    order = np.argsort(group, kind="stable")
-    offsets = np.searchsorted(group[order], np.arange(n_groups + 1))
-    return offsets, [v[order] for v in values]
 
 
 EXAMPLE_COLUMNS = ["layer", "neuron", "cluster", "window", "pos", "act"]  # what the similar step reads of `examples`
@@ -649,8 +632,8 @@ def similar_table(model: Any, windows: Tensor, features: pd.DataFrame, vectors: 
     pairs["shared_examples"] = shared
     del member_key
     # cross activation: the other neuron on this feature's top members, as flat int32 request arrays
-    tm_offsets, (tm_key,) = _csr(np.concatenate([t[0] for t in top_parts]),
-                                 [np.concatenate([t[1] for t in top_parts])], n_feats)
+    tm_key = np.concatenate([t[1] for t in top_parts])  # by feature, as `member_key`
+    tm_offsets = np.searchsorted(np.concatenate([t[0] for t in top_parts]), np.arange(n_feats + 1))
     counts = (tm_offsets[1:] - tm_offsets[:-1])[i_idx]  # [n_pairs] requests of each pair
     pair = np.repeat(np.arange(len(pairs), dtype=np.int64), counts)  # [n_requests]
     member = np.repeat(tm_offsets[:-1][i_idx], counts) + (np.arange(len(pair)) - np.repeat(np.cumsum(counts) - counts,
@@ -961,7 +944,8 @@ def build_atlas(
             started = time.perf_counter()
             feats = pd.concat([pd.read_parquet(folder.file(_layer_file("features", l))) for l in layer_list],
                               ignore_index=True)
-            table = similar_table(model, windows, feats, lambda l: pd.read_parquet(folder.file(_layer_file("vectors", l))),
+            table = similar_table(model, windows, feats,
+                                  lambda l: pd.read_parquet(folder.file(_layer_file("vectors", l))),
                                   lambda l: pd.read_parquet(folder.file(_layer_file("examples", l)),
                                                             columns=EXAMPLE_COLUMNS),
                                   top.max_act.numpy(), settings, int(windows.shape[1]), progress=progress)
