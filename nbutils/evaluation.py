@@ -475,7 +475,7 @@ class VirtualNeurons:
     @property
     def b(self) -> np.ndarray:
         """`[n_virtual]` biases (gated: gate biases) of the virtual neurons."""
-        return np.bincount(self.sources.virtual.to_numpy(), weights=self.source_b, minlength=self.n_virtual)
+        return self._sum(self.source_b)
 
     @property
     def W_up(self) -> np.ndarray | None:
@@ -594,6 +594,16 @@ def virtual_activations(model: Any, virtual: VirtualNeurons, h: Any, neurons: An
     return clustering.mlp_activation(model, pre, h @ virtual.W_up[:, idx] + virtual.b_up[idx])
 
 
+def _check_virtual_of(model: Any, virtual: VirtualNeurons) -> None:
+    """Virtual neurons must be of the model's kind of MLP (plain or gated)."""
+    from nbutils.models import is_gated
+
+    gated = is_gated(model)
+    if virtual.gated != gated:
+        fail("virtual", f"be made from this model ({'a gated' if gated else 'a plain'} MLP)",
+             "virtual neurons of the other kind of MLP", "Make them with `make_virtual_neurons(model, ...)`.")
+
+
 def _source_terms(model: Any, virtual: VirtualNeurons, h: np.ndarray, rows: Any) -> np.ndarray:
     """What each source of `rows` (rows of `virtual.sources`) adds on its own at `h [n, d_model]`, `[n, m]`:
     its scaled pre-activation `h . w_i / s_i + b_i / s_i` (plain) or its scaled activation
@@ -639,9 +649,8 @@ def collect_virtual_examples(
     if len({v.layer for v in virtual}) != len(virtual):
         fail("virtual", "hold one VirtualNeurons per layer", [v.layer for v in virtual])
     gated = is_gated(model)
-    if any(v.gated != gated for v in virtual):
-        fail("virtual", f"be made from this model ({'a gated' if gated else 'a plain'} MLP)",
-             "virtual neurons of the other kind of MLP", "Make them with `make_virtual_neurons(model, ...)`.")
+    for v in virtual:
+        _check_virtual_of(model, v)
     names = [hook_name(v.layer, "ln_normalized", model) for v in virtual]
     weights = [[torch.tensor(x, dtype=torch.float32) for x in ((v.W, v.b, v.W_up, v.b_up) if gated else (v.W, v.b))]
                for v in virtual]
@@ -741,12 +750,9 @@ def score_virtual_neurons(
     grid = _check_grid(grid if grid is not None else {m: [clustering.DEFAULT_THRESHOLDS[m]] for m in clustering.METHODS})
     pattern = check_int_range("pattern", pattern, 1, 10_000)
     kind = embedding_kind(model, kind)
-    if virtual.gated != (kind != "in"):
-        fail("virtual", "be made from this model", "virtual neurons of the other kind of MLP",
-             "Make them with `make_virtual_neurons(model, ...)`.")
+    _check_virtual_of(model, virtual)
     ex = examples[examples.layer.to_numpy() == virtual.layer]
-    W, b, n_pos = virtual.W, virtual.b, windows.shape[1]
-    W_up, b_up = virtual.W_up, virtual.b_up
+    n_pos = windows.shape[1]
     source_W = virtual.source_weights(kind)  # [d_in, n_rows] of the embedding kind
     W_kind = virtual._sum(source_W)  # [d_in, n_virtual]
     src = virtual.sources
@@ -769,9 +775,7 @@ def score_virtual_neurons(
                 contrib = _source_terms(model, virtual, h_v, s.index)  # [n, m]
                 order = np.sort(contrib, axis=1)
                 truth, scored = contrib.argmax(axis=1), order[:, -2] < AMBIGUOUS * order[:, -1]
-                h_p = h[inverse[rows_v]]  # [n, pattern, d_model]
-                pre = h_p @ W[:, v] + b[v]  # [n, pattern]
-                acts = clustering.mlp_activation(model, pre, None if W_up is None else h_p @ W_up[:, v] + b_up[v])
+                acts = virtual_activations(model, virtual, h[inverse[rows_v]], v)  # [n, pattern]
                 h_k = np.hstack([h_v, h_v]) if kind == "both" else h_v  # [n, d_in]
                 spaces = {"embedding": h_k * W_kind[:, v], "h": h_v, "pattern": np.where(pos[rows_v] >= 0, acts, 0.0)}
                 parts = (h_k[:, :, None] * source_W[:, s.index][None]) ** 2  # [n, d_in, m]
