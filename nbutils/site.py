@@ -84,10 +84,11 @@ def _num(values: Any, digits: int = 3) -> list:
     return out
 
 
-def _span(tokens: np.ndarray, start: int, acts: Any) -> list:
-    """`[start, token ids, activations]` of the tokens `start..` of one window that `acts` covers."""
-    acts = np.asarray(acts, dtype=np.float64)
-    return [int(start), tokens[start:start + len(acts)].tolist(), _num(acts)]
+def _span(tokens: np.ndarray, start: int, acts: Any, max_act: float) -> list:
+    """`[start, token ids, activations in % of the neuron's max]` of the tokens `start..` of one window that `acts`
+    covers (percentages: integers, compact; the page colours by them)."""
+    pct = np.rint(100.0 * np.asarray(acts, dtype=np.float64) / max_act).astype(np.int64)
+    return [int(start), tokens[start:start + len(pct)].tolist(), pct.tolist()]
 
 
 def _histogram(values: np.ndarray) -> dict:
@@ -102,6 +103,15 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _by_neuron(table: pd.DataFrame, d_mlp: int, floats: tuple[str, ...] = (), digits: int = 3
+               ) -> tuple[dict[str, list], np.ndarray]:
+    """A table sorted by neuron as plain column lists (`floats` rounded to `digits`), and each neuron's row range
+    `bounds[n]:bounds[n + 1]`."""
+    columns = {c: (_num(table[c], digits) if c in floats else table[c].tolist()) for c in table.columns}
+    bounds = np.searchsorted(table["neuron"].to_numpy(), np.arange(d_mlp + 1))
+    return columns, bounds
+
+
 def _neuron_records(t: dict[str, pd.DataFrame], windows: np.ndarray, labels: dict, d_mlp: int) -> list[dict]:
     """One record per neuron 0..d_mlp-1 of a layer: what its page shows."""
     keys = ["neuron", "win", "pos"]
@@ -111,47 +121,49 @@ def _neuron_records(t: dict[str, pd.DataFrame], windows: np.ndarray, labels: dic
     shown = ex[ex["shown"]].merge(ctx, on=keys, how="left", validate="one_to_one")
     features = t["features"].sort_values(["neuron", "size", "cluster"], ascending=[True, False, True])
     features = features.merge(ctx, on=keys, how="left", validate="many_to_one")
-    similar = t["similar"].sort_values(["neuron", "cluster", "rank"])
+    similar = t["similar"].sort_values(["neuron", "cluster", "rank"], kind="stable")
     bands = t["bands"].sort_values(["neuron", "band", "act"], ascending=[True, False, False], kind="stable")
     bands = bands.groupby(["neuron", "band"], sort=False).head(BAND_SHOWN)
-    groups = {name: dict(tuple(df.groupby("neuron", sort=False))) for name, df in
-              (("examples", ex), ("shown", shown), ("features", features), ("bands", bands), ("similar", similar))}
+    E, eb = _by_neuron(ex[["neuron", "x", "y", "cluster", "is_central"]], d_mlp, ("x", "y"), digits=2)
+    S, sb = _by_neuron(shown[["neuron", "cluster", "size", "is_central", "act", "pos", "win", "start", "acts"]], d_mlp,
+                       ("act",))
+    F, fb = _by_neuron(features[["neuron", "cluster", "size", "mean_act", "label", "act", "pos", "win", "start",
+                                 "acts"]], d_mlp, ("mean_act", "act"))
+    M, mb = _by_neuron(similar[["neuron", "cluster", "o_layer", "o_neuron", "o_cluster", "o_size", "similarity"]],
+                       d_mlp, ("similarity",))
+    B, bb = _by_neuron(bands[["neuron", "band", "act", "pos", "win", "start", "acts"]], d_mlp, ("act",))
+    N = t["neurons"].sort_values("neuron")
+    if len(N) != d_mlp or not (N["neuron"].to_numpy() == np.arange(d_mlp)).all():
+        fail("atlas", f"hold one `neurons` row per neuron 0..{d_mlp - 1} of each layer", f"{len(N)} rows")
+    N, _ = _by_neuron(N, d_mlp, ("max_act", "effective_clusters", "monosemanticity"))
     records = []
-    for row in t["neurons"].sort_values("neuron").itertuples(index=False):
-        n = int(row.neuron)
+    for n in range(d_mlp):
+        top = N["max_act"][n] if N["max_act"][n] and N["max_act"][n] > 0 else 1.0  # the scale of context activations
         rec: dict[str, Any] = {
-            "neuron": n, "label": _text(row.label), "max_act": _num([row.max_act])[0],
-            "n_examples": int(row.n_examples), "dead": bool(row.dead), "n_clusters": int(row.n_clusters),
-            "n_singletons": int(row.n_singletons), "effective_clusters": _num([row.effective_clusters])[0],
-            "monosemanticity": _num([row.monosemanticity])[0],
+            "neuron": n, "label": _text(N["label"][n]), "max_act": N["max_act"][n], "n_examples": N["n_examples"][n],
+            "dead": bool(N["dead"][n]), "n_clusters": N["n_clusters"][n], "n_singletons": N["n_singletons"][n],
+            "effective_clusters": N["effective_clusters"][n], "monosemanticity": N["monosemanticity"][n],
         }
-        e = groups["examples"].get(n)
-        if e is not None:
-            rec["map"] = [_num(e["x"]), _num(e["y"]), e["cluster"].astype(int).tolist(),
-                          e["is_central"].astype(int).tolist()]
-        s = groups["shown"].get(n)
-        if s is not None:  # [cluster, cluster size, is central, act, pos, start, token ids, activations]
-            rec["examples"] = [[int(r.cluster), int(r.size), bool(r.is_central), _num([r.act])[0], int(r.pos),
-                                *_span(windows[r.win], r.start, r.acts)] for r in s.itertuples(index=False)]
-        f = groups["features"].get(n)
-        if f is not None:
-            sim = groups["similar"].get(n)
-            rec["features"] = [{
-                "cluster": int(c.cluster), "size": int(c.size), "mean_act": _num([c.mean_act])[0],
-                "label": _text(c.label), "act": _num([c.act])[0], "pos": int(c.pos), "win": int(c.win),
-                "central": _span(windows[c.win], c.start, c.acts),
-                "similar": [] if sim is None else [  # [layer, neuron, cluster, size, similarity, label]
-                    [int(o.o_layer), int(o.o_neuron), int(o.o_cluster), int(o.o_size), _num([o.similarity])[0],
-                     labels.get((int(o.o_layer), int(o.o_neuron), int(o.o_cluster)), "")]
-                    for o in sim[sim["cluster"] == c.cluster].itertuples(index=False)],
-            } for c in f.itertuples(index=False)]
-        b = groups["bands"].get(n)
-        if b is not None:  # [band, act, pos, start, token ids, activations]
-            rec["bands"] = [[int(r.band), _num([r.act])[0], int(r.pos), *_span(windows[r.win], r.start, r.acts)]
-                            for r in b.itertuples(index=False)]
+        e = slice(eb[n], eb[n + 1])
+        if e.start < e.stop:  # every example: x, y, cluster, is central
+            rec["map"] = [E["x"][e], E["y"][e], E["cluster"][e], [int(v) for v in E["is_central"][e]]]
+        rec["examples"] = [  # shown examples: [cluster, cluster size, is central, act, pos, start, token ids, acts]
+            [S["cluster"][i], S["size"][i], int(S["is_central"][i]), S["act"][i], S["pos"][i],
+             *_span(windows[S["win"][i]], S["start"][i], S["acts"][i], top)] for i in range(sb[n], sb[n + 1])]
+        sim = range(mb[n], mb[n + 1])
+        rec["features"] = [{
+            "cluster": F["cluster"][i], "size": F["size"][i], "mean_act": F["mean_act"][i], "label": _text(F["label"][i]),
+            "act": F["act"][i], "pos": F["pos"][i], "win": F["win"][i],
+            "central": _span(windows[F["win"][i]], F["start"][i], F["acts"][i], top),
+            "similar": [  # [layer, neuron, cluster, size, similarity, label]
+                [M["o_layer"][j], M["o_neuron"][j], M["o_cluster"][j], M["o_size"][j], M["similarity"][j],
+                 labels.get((M["o_layer"][j], M["o_neuron"][j], M["o_cluster"][j]), "")]
+                for j in sim if M["cluster"][j] == F["cluster"][i]],
+        } for i in range(fb[n], fb[n + 1])]
+        rec["bands"] = [  # [band, act, pos, start, token ids, acts]
+            [B["band"][i], B["act"][i], B["pos"][i], *_span(windows[B["win"][i]], B["start"][i], B["acts"][i], top)]
+            for i in range(bb[n], bb[n + 1])]
         records.append(rec)
-    if len(records) != d_mlp:
-        fail("atlas", f"hold one `neurons` row per neuron (d_mlp = {d_mlp})", f"{len(records)} rows")
     return records
 
 
@@ -180,7 +192,7 @@ def _search_index(rows: list[pd.DataFrame]) -> dict[str, list[int]]:
 def _script(path: Path, name: str, value: Any) -> None:
     """A data file: a script that hands `value` to the page (`NE.data(name, value)`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
     path.write_text(f"NE.data({json.dumps(name)},{text});\n", encoding="utf-8")
 
 
@@ -288,7 +300,7 @@ def _write_site(at: Any, root: Path, *, progress: bool, bar: Any) -> None:
     labels: dict = {}
     for layer in at.layers:  # every feature's label, so that similar features are named on the page
         f = at.table("features", layer)
-        labels.update(zip(zip(f["layer"].astype(int), f["neuron"].astype(int), f["cluster"].astype(int)), f["label"]))
+        labels.update(zip(zip(f["layer"].tolist(), f["neuron"].tolist(), f["cluster"].tolist()), f["label"].map(_text)))
     overview, search_rows, neuron_labels = [], [], {}
     for layer in bar(at.layers, desc="site layers", unit="layer", disable=not progress):
         t = _layer_tables(at, layer)

@@ -61,15 +61,16 @@
     return tokenText.replace(/\n/g, "⏎").replace(/\t/g, "⇥");
   }
 
-  // Tokens coloured by activation (orange, full colour at `top`), the activating token outlined.
+  // Tokens coloured by activation (orange; the data holds each token's activation in % of the neuron's max `top`),
+  // the activating token outlined.
   function tokens(span, pos, top, extra) {
-    const start = span[0], ids = span[1], acts = span[2];
+    const start = span[0], ids = span[1], pcts = span[2];
     const vocab = NE.store.vocab;
     const box = el("span", Object.assign({ class: "ne-tokens" }, extra || {}));
     ids.forEach(function (id, i) {
-      const a = acts[i] == null ? 0 : acts[i];
-      const alpha = top > 0 ? Math.max(0, Math.min(1, a / top)) : 0;
-      const t = el("span", { title: "activation " + fmt(a, 3), text: show(vocab[id]) });
+      const alpha = Math.max(0, Math.min(100, pcts[i])) / 100;
+      const t = el("span", { title: "activation ≈ " + fmt((pcts[i] * top) / 100, 2) + " (" + pcts[i] + "% of max)",
+        text: show(vocab[id]) });
       t.style.backgroundColor = "rgba(255,140,0," + alpha.toFixed(2) + ")";
       if (start + i === pos) t.className = "ne-at";
       box.append(t);
