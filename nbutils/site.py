@@ -37,7 +37,7 @@ import pandas as pd
 
 from nbutils._validation import check_path, fail
 
-__all__ = ["BLOCK", "SITE_FORMAT", "export_site"]
+__all__ = ["BLOCK", "SITE_FORMAT", "export_site", "site_bytes"]
 
 BLOCK = 128  # neurons of one layer per data file
 SITE_FORMAT = 1
@@ -227,7 +227,9 @@ def _check_out(out: Any) -> Path:
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir():
+        fail("out", "be a folder", f"{path}, which lies under the file {parent}", "Pass another folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
         fail("out", "be in a folder you can write", f"{path} ({parent} is not writable)", "Pass another folder.")
     return path
 
@@ -266,25 +268,31 @@ def export_site(atlas: Any, out: str | os.PathLike, *, progress: bool = True) ->
     tmp = path.with_name(f".{path.name}.export-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    started = time.perf_counter()
     try:
         tmp.mkdir(parents=True)
+    except OSError as err:
+        fail("out", "be in a folder you can write", f"{path} ({err.strerror})", "Pass another folder.")
+    started = time.perf_counter()
+    try:
         _write_site(at, tmp, progress=progress, bar=tqdm)
         manifest = json.loads((tmp / "site.json").read_text())
         manifest["seconds"] = round(time.perf_counter() - started, 2)
         (tmp / "site.json").write_text(json.dumps(manifest, indent=1) + "\n")
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         if path.exists():
-            path.rename(old)
+            path.rename(old)  # an earlier export (checked above), replaced as a whole
         tmp.rename(path)
         if old.exists():
             shutil.rmtree(old)
-    except PermissionError as err:
-        fail("out", "be in a folder you can write", f"{path} ({err.strerror}: {err.filename})", "Pass another folder.")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def site_bytes(out: str | os.PathLike) -> int:
+    """Bytes of every file of an exported site (as its `site.json` records them)."""
+    return int(json.loads((Path(out) / "site.json").read_text())["bytes"])
 
 
 def _write_site(at: Any, root: Path, *, progress: bool, bar: Any) -> None:
@@ -323,7 +331,7 @@ def _write_site(at: Any, root: Path, *, progress: bool, bar: Any) -> None:
                     records[start:start + BLOCK])
         del t, records
     _script(root / "data" / "search.js", "search", {
-        "tokens": _search_index(search_rows),
+        "tokens": _search_index(search_rows), "per_token": SEARCH_NEURONS,
         "labels": [neuron_labels.get(g, "") for g in range(at.n_layers * d_mlp)],
     })
     files = {}

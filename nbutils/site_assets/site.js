@@ -308,8 +308,9 @@
       const out = [];
       if (jump) out.push(el("a", { href: "#L" + jump[1] + "N" + jump[2], text: "go to L" + jump[1] + "N" + jump[2] }));
       const byToken = index.tokens[q] || [];
-      out.push(el("h3", { text: "Activating token “" + q + "”: " + byToken.length + " neurons" }));
-      byToken.slice(0, 30).forEach((g) => out.push(link(g, "")));
+      out.push(el("h3", { text: "Activating token “" + q + "”: " + byToken.length + " neurons" +
+        (byToken.length === index.per_token ? " (those with the most such examples)" : "") }));
+      byToken.forEach((g) => out.push(link(g, "")));
       const byLabel = [];
       for (let g = 0; g < index.labels.length && byLabel.length < 30; g++) {
         if (index.labels[g] && index.labels[g].toLowerCase().indexOf(q) >= 0) byLabel.push(g);
