@@ -332,7 +332,9 @@ def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], setti
         if settings.bands:
             _band_merge(g, P.cpu(), lo, n_pos, top.max_act[layer].float(), settings)
 
-    bar = tqdm(total=n_windows * n_pos, unit="tok", unit_scale=True, disable=not progress, leave=False,
+    # bars are left in place when done: a notebook bar that closes itself shows as "Error displaying widget: model
+    # not found" on a Voilà page, which renders the outputs after the cell has run
+    bar = tqdm(total=n_windows * n_pos, unit="tok", unit_scale=True, disable=not progress,
                desc=f"reading h of layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}")
     for lo in range(0, n_windows, settings.batch_size):
         hi = min(lo + settings.batch_size, n_windows)
@@ -497,7 +499,7 @@ def _nearest_other(u: np.ndarray, owner: np.ndarray, k: int, chunk_bytes: int = 
     kk = min(k, n)
     step = max(1, chunk_bytes // max(1, 4 * n))
     ut, own = torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32)), torch.from_numpy(np.asarray(owner))
-    for lo in tqdm(range(0, n, step), desc="nearest features", unit="block", disable=not progress, leave=False):
+    for lo in tqdm(range(0, n, step), desc="nearest features", unit="block", disable=not progress):
         block = ut[lo : lo + step] @ ut.T  # [chunk, n]
         block.masked_fill_(own[lo : lo + step, None] == own[None, :], float("-inf"))  # not itself, not its own neuron
         vals, part = (t.numpy() for t in torch.topk(block, kk, dim=1))  # [chunk, kk]
@@ -526,8 +528,7 @@ def _cross_acts(model: Any, windows: Tensor, window: np.ndarray, pos: np.ndarray
     n_pos = windows.shape[1]
     from tqdm.auto import tqdm
 
-    for lo in tqdm(range(0, len(unique), batch_size), desc="cross activations", unit="batch", disable=not progress,
-                   leave=False):
+    for lo in tqdm(range(0, len(unique), batch_size), desc="cross activations", unit="batch", disable=not progress):
         hi = min(lo + batch_size, len(unique))
         rows = order[starts[lo] : starts[hi]]  # the requests of these windows
         local = np.searchsorted(unique[lo:hi], window[rows])  # [rows] window's row in the batch
