@@ -39,7 +39,7 @@ from nbutils._validation import check_path, fail
 
 __all__ = ["BLOCK", "SITE_FORMAT", "export_site", "site_bytes"]
 
-BLOCK = 128  # neurons of one layer per data file
+BLOCK = 64  # neurons of one layer per data file (about 0.6 MB at the default size: loaded and parsed at once)
 SITE_FORMAT = 1
 TOP_NEURONS = 12  # most polysemantic neurons listed per layer in the overview
 SEARCH_NEURONS = 60  # neurons kept per token in the search index, most matching examples first

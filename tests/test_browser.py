@@ -64,11 +64,11 @@ def _stop(pid: int) -> None:
 
 
 @contextmanager
-def voila_server(notebook: Path, log_path: Path, *options: str) -> Iterator[tuple[str, int]]:
-    """Serve `notebook` with Voilà and the project's configuration on 127.0.0.1 (CI size, offline); yield its
-    URL and process id; stop it by its pid. `options`: further command-line settings."""
+def voila_server(notebook: Path, log_path: Path, *options: str, small: bool = True) -> Iterator[tuple[str, int]]:
+    """Serve `notebook` with Voilà and the project's configuration on 127.0.0.1 (CI size unless `small=False`,
+    offline); yield its URL and process id; stop it by its pid. `options`: further command-line settings."""
     port = _free_port()
-    env = {**os.environ, "NBUTILS_SMALL": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "NBUTILS_SMALL": "1" if small else "0", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "voila", f"--Voila.config_file_paths={CONFIG_DIR}", str(notebook),
                "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1", "--show_tracebacks=True", *options]
     with open(log_path, "w") as log:

@@ -264,7 +264,7 @@
   }
 
   function route() {
-    const id = ++renderId;
+    const id = ++renderId, started = performance.now();
     const o = NE.store.overview;
     const m = /^#L(\d+)N(\d+)$/.exec(location.hash);
     if (!m) {
@@ -283,6 +283,7 @@
         if (id !== renderId) return;  // a later hash change won
         setMain(neuronPage(layer, n, found[1][n - block * o.block]), "L" + layer + "N" + n + " · feature atlas");
         window.scrollTo(0, 0);
+        NE.shown = { hash: location.hash, ms: performance.now() - started };  // how long the page took (benchmarks)
       })
       .catch(function (err) {
         if (id === renderId) setMain(el("p", { class: "ne-error", text: String(err.message || err) }), "Feature atlas");
