@@ -46,8 +46,9 @@ def export(args: argparse.Namespace) -> None:
         if file.is_file():
             part = file.relative_to(out).parts[0]
             parts[part] = parts.get(part, 0) + file.stat().st_size
-    print(f"export: {seconds:.1f} s; {site.site_bytes(out) / 1e6:.1f} MB in {sum(1 for f in out.rglob('*') if f.is_file())} "
-          f"files ({', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in sorted(parts.items()))}); peak RSS "
+    n_files = sum(1 for f in out.rglob("*") if f.is_file())
+    sizes = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(parts.items()))
+    print(f"export: {seconds:.1f} s; {site.site_bytes(out) / 1e6:.1f} MB in {n_files} files ({sizes}); peak RSS "
           f"{_peak_rss_gb():.2f} GB; site at {out}")
 
 
@@ -73,8 +74,9 @@ def browser(args: argparse.Namespace) -> None:
             assert shown["hash"] == f"#L{layer}N{neuron}"
             times.append(shown["ms"] / 1000)
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-    print(f"overview from file:// {overview:.2f} s; neuron page after a hash change: median {statistics.median(times):.3f} s, "
-          f"max {max(times):.3f} s over {len(times)} random neurons; console errors: {len(errors)}")
+    print(f"overview from file:// {overview:.2f} s; neuron page after a hash change: median "
+          f"{statistics.median(times):.3f} s, max {max(times):.3f} s over {len(times)} random neurons; console "
+          f"errors: {len(errors)}")
 
 
 def voila(args: argparse.Namespace) -> None:

@@ -1,4 +1,4 @@
-"""Command line: build, describe and query a feature atlas.
+"""Command line: build, describe, query and export a feature atlas.
 
     python -m nbutils atlas build [--model M] [--source S] [--windows N] [--window W] [--k K] [--frac F]
                                   [--layers 0,2] [--method M] [--threshold T] [--out DIR] [--quiet]
@@ -6,9 +6,9 @@
     python -m nbutils atlas query DIR "SELECT layer, count(*) FROM features GROUP BY layer"
     python -m nbutils atlas export-site DIR OUT_DIR [--quiet]
 
-`export-site` writes the atlas's static site (`site.export_site`): a folder to open from disk or put on any static
-host. `build` writes to the same default folder that the notebooks open (`atlas.default_path`) unless `--out` is given;
-run again after an interruption, it resumes. A bad argument prints one line and exits with status 2.
+`build` writes to the same default folder that the notebooks open (`atlas.default_path`) unless `--out` is given;
+run again after an interruption, it resumes. `export-site` writes the atlas's static site (`site.export_site`): a
+folder to open from disk or put on any static host. A bad argument prints one line and exits with status 2.
 """
 
 from __future__ import annotations

@@ -152,8 +152,8 @@ def _neuron_records(t: dict[str, pd.DataFrame], windows: np.ndarray, labels: dic
              *_span(windows[S["win"][i]], S["start"][i], S["acts"][i], top)] for i in range(sb[n], sb[n + 1])]
         sim = range(mb[n], mb[n + 1])
         rec["features"] = [{
-            "cluster": F["cluster"][i], "size": F["size"][i], "mean_act": F["mean_act"][i], "label": _text(F["label"][i]),
-            "act": F["act"][i], "pos": F["pos"][i], "win": F["win"][i],
+            "cluster": F["cluster"][i], "size": F["size"][i], "mean_act": F["mean_act"][i],
+            "label": _text(F["label"][i]), "act": F["act"][i], "pos": F["pos"][i], "win": F["win"][i],
             "central": _span(windows[F["win"][i]], F["start"][i], F["acts"][i], top),
             "similar": [  # [layer, neuron, cluster, size, similarity, label]
                 [M["o_layer"][j], M["o_neuron"][j], M["o_cluster"][j], M["o_size"][j], M["similarity"][j],
@@ -323,7 +323,8 @@ def _write_site(at: Any, root: Path, *, progress: bool, bar: Any) -> None:
             "top": [[int(r.neuron), _num([r.effective_clusters])[0], _num([r.monosemanticity])[0], int(r.n_examples),
                      _text(r.label)] for r in top.itertuples(index=False)],
         })
-        neuron_labels.update({layer * d_mlp + int(n): _text(lab) for n, lab in zip(neurons["neuron"], neurons["label"])})
+        neuron_labels.update({layer * d_mlp + int(n): _text(label)
+                              for n, label in zip(neurons["neuron"], neurons["label"])})
         search_rows.append(_search_rows(t, layer, d_mlp))
         records = _neuron_records(t, windows, labels, d_mlp)
         for start in range(0, d_mlp, BLOCK):
