@@ -261,8 +261,6 @@ def export_site(atlas: Any, out: str | os.PathLike, *, progress: bool = True) ->
         FileNotFoundError / cache.CacheError: `atlas` is not a finished atlas.
         ValueError: `out` is a file, a folder of other files, or not writable.
     """
-    from tqdm.auto import tqdm
-
     at = _open_atlas(atlas)
     path = _check_out(out)
     tmp = path.with_name(f".{path.name}.export-{os.getpid()}")
@@ -274,7 +272,7 @@ def export_site(atlas: Any, out: str | os.PathLike, *, progress: bool = True) ->
         fail("out", "be in a folder you can write", f"{path} ({err.strerror})", "Pass another folder.")
     started = time.perf_counter()
     try:
-        _write_site(at, tmp, progress=progress, bar=tqdm)
+        _write_site(at, tmp, progress=progress)
         manifest = json.loads((tmp / "site.json").read_text())
         manifest["seconds"] = round(time.perf_counter() - started, 2)
         (tmp / "site.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -295,8 +293,10 @@ def site_bytes(out: str | os.PathLike) -> int:
     return int(json.loads((Path(out) / "site.json").read_text())["bytes"])
 
 
-def _write_site(at: Any, root: Path, *, progress: bool, bar: Any) -> None:
-    """Every file of the site into `root` (a fresh folder)."""
+def _write_site(at: Any, root: Path, *, progress: bool) -> None:
+    """Every file of the site into `root` (a fresh folder), one layer's tables in memory at a time."""
+    from tqdm.auto import tqdm
+
     from nbutils.explorer import POLYSEMANTIC_MIN
 
     assets = resources.files("nbutils") / "site_assets"
@@ -310,7 +310,7 @@ def _write_site(at: Any, root: Path, *, progress: bool, bar: Any) -> None:
         f = at.table("features", layer)
         labels.update(zip(zip(f["layer"].tolist(), f["neuron"].tolist(), f["cluster"].tolist()), f["label"].map(_text)))
     overview, search_rows, neuron_labels = [], [], {}
-    for layer in bar(at.layers, desc="site layers", unit="layer", disable=not progress):
+    for layer in tqdm(at.layers, desc="site layers", unit="layer", disable=not progress):
         t = _layer_tables(at, layer)
         neurons = t["neurons"]
         live = neurons[neurons["n_examples"] > 0]

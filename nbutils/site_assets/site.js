@@ -303,21 +303,20 @@
     load("search", "data/search.js").then(function (index) {
       if (document.getElementById("ne-query").value.trim().toLowerCase() !== q) return;  // typed on
       const d = NE.store.overview.d_mlp;
-      const link = (g, why) => el("a", { href: neuronHref(Math.floor(g / d), g % d), class: "ne-result" }, [
-        "L" + Math.floor(g / d) + "N" + (g % d) + " ", el("span", { class: "ne-label", text: index.labels[g] }),
-        why ? el("span", { class: "ne-muted", text: " · " + why }) : null]);
+      const link = (g) => el("a", { href: neuronHref(Math.floor(g / d), g % d), class: "ne-result" }, [
+        "L" + Math.floor(g / d) + "N" + (g % d) + " ", el("span", { class: "ne-label", text: index.labels[g] })]);
       const out = [];
       if (jump) out.push(el("a", { href: "#L" + jump[1] + "N" + jump[2], text: "go to L" + jump[1] + "N" + jump[2] }));
       const byToken = index.tokens[q] || [];
       out.push(el("h3", { text: "Activating token “" + q + "”: " + byToken.length + " neurons" +
         (byToken.length === index.per_token ? " (those with the most such examples)" : "") }));
-      byToken.forEach((g) => out.push(link(g, "")));
+      byToken.forEach((g) => out.push(link(g)));
       const byLabel = [];
       for (let g = 0; g < index.labels.length && byLabel.length < 30; g++) {
         if (index.labels[g] && index.labels[g].toLowerCase().indexOf(q) >= 0) byLabel.push(g);
       }
       out.push(el("h3", { text: "Labels containing “" + q + "”" + (byLabel.length === 30 ? " (first 30)" : ": " + byLabel.length) }));
-      byLabel.forEach((g) => out.push(link(g, "")));
+      byLabel.forEach((g) => out.push(link(g)));
       box.replaceChildren.apply(box, out);
       box.hidden = false;
     }).catch(function (err) {
