@@ -75,7 +75,8 @@ def test_the_folder_lists_every_file_with_its_checksum_and_the_tables_with_their
 
 def test_exporting_again_replaces_an_earlier_export(built, exported, tmp_path):
     out = tmp_path / "again"
-    site.export_site(built.path, out, progress=False)
+    assert cli(["atlas", "export-site", str(built.path), str(out), "--quiet"]) == 0
+    assert json.loads((out / "site.json").read_text())["atlas_key"] == built.manifest["key_hash"]
     (out / "stale.txt").write_text("left from an earlier export")
     site.export_site(built.path, out, progress=False)
     assert not (out / "stale.txt").exists() and (out / "index.html").exists()
