@@ -342,3 +342,29 @@ def test_a_vanished_page_kernel_is_culled_and_an_open_page_kernel_is_kept(tmp_pa
         waited = _wait_until(lambda: kept not in _kernels(pid), timeout + 20, "the idle kernel is culled")
     assert f"Culling 'idle' kernel 'python3' ({kept}) with 0 connections" in (tmp_path / "voila.log").read_text()
     print(f"\nthe vanished page's kernel was culled {waited:.0f} s after the page went (idle timeout {timeout} s)")
+
+
+def test_a_page_that_builds_an_atlas_shows_no_widget_error(tmp_path):
+    """The atlas's progress bars stay on the page when done: a notebook bar that closes itself before Voilà renders
+    the page shows as "Error displaying widget: model not found". A tiny atlas (8 windows, one layer) is built in
+    the page's kernel."""
+    _require_chromium()
+    notebook = tmp_path / "build.ipynb"
+    code = ("from nbutils import atlas, data, models\n"
+            "model = models.load_model()\n"
+            "windows = data.corpus_windows(model, n_windows=8, window=16)\n"
+            f"at = atlas.build_atlas(model, windows, k=4, layers=[0], out={str(tmp_path / 'atlas')!r}, "
+            f"cache_dir={str(tmp_path / 'cache')!r})\n"
+            "print('atlas built:', at.manifest['status'])")
+    nb = new_notebook(cells=[new_code_cell(code)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, notebook)
+    with voila_server(notebook, tmp_path / "voila.log") as (url, _), chromium() as driver:
+        driver.get(url)
+        _wait_until(lambda: "atlas built: complete" in driver.execute_script(
+            "return document.body ? document.body.innerText : ''"), PAGE_TIMEOUT, "the page that builds an atlas")
+        time.sleep(2)  # widget views render after the text
+        state = driver.execute_script(_READ)
+        bars = driver.execute_script("return document.querySelectorAll('.widget-hprogress, .progress').length")
+    assert not state["error"] and not state["traceback"], "the page shows error text"
+    assert bars >= 1, "no progress bar was drawn (the check above would then be empty)"
