@@ -45,8 +45,8 @@ table is the view `similar_features` and the `window` column is `window_id` (bot
 
 **Modules.** `settings` (what the content depends on), `layers` (the per-layer `clusters` and `features` steps),
 `similar_features` (the `similar` step), `folder` (files, key stamps, manifest), `build` (the steps in order,
-`default_path`, `load_or_build`), `reader` (`Atlas`, SQL), `labels` (token text and labels). Every forward pass
-goes through `passes.read_layers`.
+`default_path`, `load_or_build`), `reader` (`Atlas`, SQL), `labels` (token text and labels). Every pass after the
+collection goes through `passes.read_layers`.
 
 Columns (in addition to those of `activations`):
 

@@ -168,14 +168,14 @@ def _band_table(g: _Gather, layer: int, vocab: list[str], windows: Tensor, setti
                                                          "acts")}).astype({"layer": np.int64, "neuron": np.int64})
 
 
-def _layer_bytes(top: Any, layer: int, d_model: int, settings: AtlasSettings, n_tokens: int) -> int:
+def _layer_bytes(top: Any, layer: int, d_model: int, settings: AtlasSettings, n_tokens: int) -> tuple[int, int]:
     """Memory the pass holds for one layer: h of its distinct examples (float32; at most one per token of the
-    corpus), the context activations and keys of every example, and the band sample with its contexts."""
+    corpus), and the rest: the context activations and keys of every example and the band sample with its
+    contexts."""
     n = int(top._keep()[layer].sum())
     width = settings.before + settings.after + 1
-    band = top.act.shape[1] * settings.bands * settings.per_band * (width + 4) * 4 * 2  # x2: while merging
-    return min(n, n_tokens) * 4 * d_model + n * (4 * width + 64) + band
-
+    band = top.act.shape[1] * settings.bands * settings.per_band * (width + 4) * 4
+    return min(n, n_tokens) * 4 * d_model, n * (4 * width + 64) + band
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,11 +191,14 @@ def layers_tables(model: Any, windows: Tensor, top: Any, layers: list[int], sett
     a temporary folder), each read back when its layer is clustered. So the pass runs every block once however
     many layers there are, and memory holds the budget plus one layer. `workers`: processes clustering each layer
     (`cluster_layer`). The tables equal `layer_tables` of each layer alone."""
-    d_model, used, spilled = model.cfg.d_model, 0, []
-    for layer in layers:
-        used += _layer_bytes(top, layer, d_model, settings, int(windows.numel()))
-        if used > memory_budget:
-            spilled.append(layer)
+    need = [_layer_bytes(top, layer, model.cfg.d_model, settings, int(windows.numel())) for layer in layers]
+    used = sum(rest for _, rest in need)  # held for every layer during the pass
+    spilled = []
+    for layer, (h_bytes, _) in zip(layers, need):
+        if used + h_bytes > memory_budget:
+            spilled.append(layer)  # h to a file
+        else:
+            used += h_bytes
     with tempfile.TemporaryDirectory(prefix="atlas-h-", dir=spill_dir) as folder:
         gathered = _layers_pass(model, windows, top, layers, settings, progress=progress,
                                 spill={layer: Path(folder) for layer in spilled})
