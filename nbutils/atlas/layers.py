@@ -26,7 +26,7 @@ from nbutils.atlas.settings import TEXT_CONTEXT, AtlasSettings, LayerTables
 from nbutils.passes import read_layers
 
 __all__ = ["layer_tables", "layers_tables", "features_table", "cluster_layer", "ClusteredLayer",
-           "PARALLEL_MIN_EXAMPLES"]
+           "PARALLEL_MIN_VALUES"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,7 +253,10 @@ class ClusteredLayer:
     vectors: list[np.ndarray]
 
 
-PARALLEL_MIN_EXAMPLES = 20_000  # a layer with fewer examples is clustered in process unless `workers` is given
+# a layer with fewer example values (examples x d_model) is clustered in process unless `workers` is given: starting
+# workers takes seconds. The default tiny model (d_model 128, tens of thousands of examples a layer) stays in
+# process; GPT-2 small at 2,000 windows (about 164,000 examples x 768 a layer) goes to workers.
+PARALLEL_MIN_VALUES = 20_000_000
 
 
 def cluster_layer(lx: clustering.LayerExamples, settings: AtlasSettings, *, workers: int | None = None
@@ -262,14 +265,14 @@ def cluster_layer(lx: clustering.LayerExamples, settings: AtlasSettings, *, work
     method), and find each cluster's centre, the tab rows and the 2-D map. Any unit whose examples embed as
     `[n, d]` rows fits: `lx` says how.
 
-    `workers` processes (default: one per core for a layer of at least `PARALLEL_MIN_EXAMPLES` examples, else 1)
+    `workers` processes (default: one per core for a layer of at least `PARALLEL_MIN_VALUES` values, else 1)
     take contiguous blocks of neurons; each neuron is clustered alone on one thread, so the result does not depend
     on the number of workers.
     """
     d_mlp = len(lx.bounds) - 1
     if workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = cores if len(lx.examples) >= PARALLEL_MIN_EXAMPLES else 1
+        workers = cores if len(lx.examples) * lx.h.shape[1] >= PARALLEL_MIN_VALUES else 1
     workers = check_int_range("workers", workers, 1, 1024)
     if workers == 1:
         return _cluster_neurons(lx, settings, 0, d_mlp)
