@@ -100,9 +100,11 @@ def scale(args: argparse.Namespace) -> None:
     print(f"model: {model.cfg.n_layers} layers x {model.cfg.d_mlp} neurons, d_model {model.cfg.d_model}; "
           f"{len(windows)} windows x 64 tokens; peak RSS after loading {_peak_rss_gb():.2f} GB")
     started = time.perf_counter()
-    at = atlas.build_atlas(model, windows, k=128, frac=0.75, out=root / "atlas", cache_dir=root / "cache")
+    at = atlas.build_atlas(model, windows, k=128, frac=0.75, out=root / "atlas", cache_dir=root / "cache",
+                           workers=args.workers)
     total = time.perf_counter() - started
-    print(f"build: {total:.0f} s in all; peak RSS {_peak_rss_gb():.2f} GB")
+    collect = at.manifest["steps"]["collect"]["seconds"]
+    print(f"build: {total:.0f} s in all; peak RSS {_peak_rss_gb():.2f} GB; build / collection = {total / collect:.2f}")
     for step, info in at.manifest["steps"].items():
         print(f"  {step:<22} {info['seconds']:8.1f} s")
     print(at.info())
@@ -129,6 +131,7 @@ def main() -> None:
     s = sub.add_parser("scale", help="a GPT-2-small-shaped build")
     s.add_argument("--windows", type=int, default=2000)
     s.add_argument("--layers", type=int, default=12)
+    s.add_argument("--workers", type=int, default=None, help="processes clustering a layer (default: one per core)")
     args = parser.parse_args()
     page(args) if args.part == "page" else scale(args)
 

@@ -282,18 +282,28 @@ def test_a_killed_build_resumes_to_the_same_atlas(tmp_path):
     assert torch.equal(resumed.windows, expected.windows)
 
 
-def test_layers_read_together_equal_each_layer_alone(model, windows, top):
+def _assert_same_tables(left_tables: atlas.LayerTables, right_tables: atlas.LayerTables) -> None:
+    for name in ("neurons", "examples", "contexts", "vectors", "bands"):
+        left, right = getattr(left_tables, name), getattr(right_tables, name)
+        for column in ("acts", "vector"):  # array columns: compare element by element
+            if column in left.columns:
+                assert all(np.array_equal(a, b) for a, b in zip(left[column], right[column]))
+                left, right = left.drop(columns=column), right.drop(columns=column)
+        pd.testing.assert_frame_equal(left, right, check_exact=True)
+
+
+def test_layers_read_together_equal_each_layer_alone(model, windows, top, tmp_path):
     settings = atlas.AtlasSettings(k=K)
     together = list(atlas.layers_tables(model, windows, top, [1, 3], settings, memory_budget=1 << 40))
     alone = atlas.layer_tables(model, windows, top, 3, settings)
     assert [t.layer for t in together] == [1, 3]
-    for name in ("neurons", "examples", "contexts", "vectors"):
-        left, right = getattr(together[1], name), getattr(alone, name)
-        if name in ("contexts", "vectors"):  # array columns: compare element by element
-            column = "acts" if name == "contexts" else "vector"
-            assert all(np.array_equal(a, b) for a, b in zip(left[column], right[column]))
-            left, right = left.drop(columns=column), right.drop(columns=column)
-        pd.testing.assert_frame_equal(left, right, check_exact=True)
+    _assert_same_tables(together[1], alone)
+    # budget 0: every layer's h goes to a file and is read back; two worker processes cluster blocks of neurons
+    spilled = list(atlas.layers_tables(model, windows, top, [1, 3], settings, memory_budget=0, spill_dir=tmp_path,
+                                       workers=2))
+    assert [t.layer for t in spilled] == [1, 3] and not any(tmp_path.iterdir())  # the files are gone
+    for a, b in zip(spilled, together):
+        _assert_same_tables(a, b)
 
 
 def test_band_samples_are_the_bands_module_sample_with_contexts(built, model, windows, top):

@@ -26,10 +26,15 @@ manifest only after its files are. A build that is killed at any point and start
 arguments verifies the finished steps, never redoes them, and resumes at the first unfinished (layer, step);
 the collection itself resumes from its last checkpoint. The result is identical to an uninterrupted build.
 
-**Memory** is bounded by a group of layers (`layers_tables`, 1.5 GiB by default) and never holds more than one
-layer's activations of a batch: the collection state (`n_layers * d_mlp * k` slots, 20 bytes each), the pre-MLP
-vectors of each grouped layer's distinct examples (`<= n_windows * window * d_model` float32: all tokens, at
-large k) with their context activations, and one layer's tables while it is clustered. The similar step holds
+**Three forward passes.** The collection, one pass that reads every clustered layer (`layers_tables`: each block
+runs once, however many layers), and one for the cross activations of the similar step. Clustering a layer runs
+in `workers` processes on blocks of neurons (`cluster_layer`), with the same result for any number of workers.
+
+**Memory** is bounded by a budget (`layers_tables`, 1.5 GiB by default) plus one layer, and never holds more than
+one layer's activations of a batch: the collection state (`n_layers * d_mlp * k` slots, 20 bytes each), the
+pre-MLP vectors of each layer's distinct examples (`<= n_windows * window * d_model` float32: all tokens, at
+large k; the layers beyond the budget are written to temporary files during the pass and read back one at a
+time) with their context activations, and one layer's tables while it is clustered. The similar step holds
 the central embedding of every feature (`n_features * d_model` float32), every feature's example keys, and
 `n_features * n_similar * CROSS_MEMBERS` cross-activation requests, and streams the windows once for them.
 
@@ -40,8 +45,8 @@ table is the view `similar_features` and the `window` column is `window_id` (bot
 
 **Modules.** `settings` (what the content depends on), `layers` (the per-layer `clusters` and `features` steps),
 `similar_features` (the `similar` step), `folder` (files, key stamps, manifest), `build` (the steps in order,
-`default_path`, `load_or_build`), `reader` (`Atlas`, SQL), `labels` (token text and labels). Every forward pass
-goes through `passes.read_layers`.
+`default_path`, `load_or_build`), `reader` (`Atlas`, SQL), `labels` (token text and labels). Every pass after the
+collection goes through `passes.read_layers`.
 
 Columns (in addition to those of `activations`):
 

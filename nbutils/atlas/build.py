@@ -63,6 +63,7 @@ def build_atlas(
     progress: bool = True,
     top: Any = None,
     map_layers: MapLayers | None = None,
+    workers: int | None = None,
     **options: Any,
 ) -> "Atlas":
     """Build (or resume, or just open) the feature atlas of `model` over `windows`.
@@ -81,6 +82,8 @@ def build_atlas(
             shards): the collection step stores it instead of collecting.
         map_layers: runs the `clusters` step of many layers, e.g. on remote workers:
             `map_layers(layers, settings)` yields a `LayerTables` per layer, in any order. Default: in process.
+        workers: processes that cluster a layer (`layers.cluster_layer`; default: one per core for large layers).
+            The atlas does not depend on it.
         **options: other `AtlasSettings` fields (`fold_ln`, `min_size`, `n_similar`, `shown`, `before`, `after`,
             `batch_size`).
 
@@ -106,7 +109,7 @@ def build_atlas(
         top = _collect_step(folder, model, windows, settings, top, cache_dir, progress)
         bar.update(1)
         runner = map_layers if map_layers is not None else (
-            lambda ls, st: layers_tables(model, windows, top, ls, st, progress=progress))
+            lambda ls, st: layers_tables(model, windows, top, ls, st, progress=progress, workers=workers))
         _clusters_steps(folder, layer_list, settings, runner, bar)
         _features_steps(folder, layer_list, settings, bar)
         _similar_step(folder, model, windows, top, layer_list, settings, progress)
@@ -282,7 +285,8 @@ def load_or_build(*, model: Any = None, source: str | None = None, n_windows: in
     from nbutils import data, models
 
     loaded = model if hasattr(model, "cfg") else None
-    name = model_load_name(loaded) if loaded is not None else _env.switch(model, "NBUTILS_MODEL", models.DEFAULT_MODEL_NAME)
+    name = (model_load_name(loaded) if loaded is not None
+            else _env.switch(model, "NBUTILS_MODEL", models.DEFAULT_MODEL_NAME))
     src = data._source(source)
     path = default_path(model_name=str(name), source=src, n_windows=n_windows, window=window, cache_dir=cache_dir,
                         k=k, frac=frac, **options)

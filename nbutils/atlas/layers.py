@@ -8,7 +8,10 @@ layer (`cluster_layer`: one neuron at a time, e = h ⊙ w, `clustering`) and tur
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -17,11 +20,13 @@ import torch
 from torch import Tensor
 
 from nbutils import clustering, embeddings, viz
+from nbutils._validation import check_int_range
 from nbutils.atlas.labels import token_labels, vocab_of
 from nbutils.atlas.settings import TEXT_CONTEXT, AtlasSettings, LayerTables
 from nbutils.passes import read_layers
 
-__all__ = ["layer_tables", "layers_tables", "features_table", "cluster_layer", "ClusteredLayer"]
+__all__ = ["layer_tables", "layers_tables", "features_table", "cluster_layer", "ClusteredLayer",
+           "PARALLEL_MIN_VALUES"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -35,20 +40,43 @@ class _Gather:
     examples: pd.DataFrame
     keys: np.ndarray  # [n_unique] window * n_pos + pos
     inverse: np.ndarray  # [n_examples] row of h of each example
-    h: np.ndarray  # [n_unique, d_model] float32, as the model computes it (exact in float64 products)
+    h: "np.ndarray | _RowsFile"  # [n_unique, d_model] float32, as the model computes it; in memory or in a file
     context: np.ndarray  # [n_examples, before + after + 1] float32, NaN outside the window
     band: tuple | None = None  # the running band sample: (priority, window, pos, act) [d_mlp, bands, per_band]
     band_context: Tensor | None = None  # [d_mlp, bands, per_band, width] activations around each sampled token
 
 
-def _new_gather(model: Any, windows: Tensor, top: Any, layer: int, settings: AtlasSettings) -> _Gather:
+class _RowsFile:
+    """Rows `[n, d]` float32 filled by slices `rows[a:b] = x` into a file (plain writes: the pages do not stay in
+    the process's memory), read back whole by `load()`, which deletes the file."""
+
+    def __init__(self, path: Path, n: int, d: int) -> None:
+        self.path, self.shape = path, (n, d)
+        self._file = open(path, "wb")
+        self._file.truncate(n * d * 4)
+
+    def __setitem__(self, rows: slice, x: np.ndarray) -> None:
+        self._file.seek(rows.start * self.shape[1] * 4)
+        self._file.write(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+
+    def load(self) -> np.ndarray:
+        self._file.close()
+        rows = np.fromfile(self.path, dtype=np.float32).reshape(self.shape)
+        self.path.unlink()
+        return rows
+
+
+def _new_gather(model: Any, windows: Tensor, top: Any, layer: int, settings: AtlasSettings,
+                spill: Path | None = None) -> _Gather:
+    """An empty `_Gather` of one layer; h goes to a file in the folder `spill` when given."""
     n_pos = windows.shape[1]
     width = settings.before + settings.after + 1
     ex = clustering._layer_examples(top, windows, layer).reset_index(drop=True)
     keys, inverse = np.unique(ex["window"].to_numpy(np.int64) * n_pos + ex["pos"].to_numpy(np.int64),
                               return_inverse=True)
-    g = _Gather(ex, keys, inverse.reshape(-1), np.zeros((len(keys), model.cfg.d_model), dtype=np.float32),
-                np.full((len(ex), width), np.nan, dtype=np.float32))
+    shape = (len(keys), model.cfg.d_model)
+    h = _RowsFile(spill / f"h-{layer}.f32", *shape) if spill is not None else np.zeros(shape, dtype=np.float32)
+    g = _Gather(ex, keys, inverse.reshape(-1), h, np.full((len(ex), width), np.nan, dtype=np.float32))
     if settings.bands:
         from nbutils import bands as _bands
 
@@ -78,10 +106,12 @@ def _read_batch(g: _Gather, H: Tensor, P: Tensor, lo: int, hi: int, max_act: Ten
 
 
 def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], settings: AtlasSettings,
-                 progress: bool = False) -> dict[int, _Gather]:
+                 progress: bool = False, spill: dict[int, Path] | None = None) -> dict[int, _Gather]:
     """One pass over all the windows in fixed batches of `batch_size` (`passes.read_layers`), reading h and the
-    neuron activations of every layer in `layers` at that layer's examples."""
-    out = {layer: _new_gather(model, windows, top, layer, settings) for layer in layers}
+    neuron activations of every layer in `layers` at that layer's examples; h of a layer in `spill` goes to a file
+    in the folder given there."""
+    spill = spill or {}
+    out = {layer: _new_gather(model, windows, top, layer, settings, spill.get(layer)) for layer in layers}
     kind = "ln_normalized" if settings.fold_ln else "mlp_in"
 
     def on_layer(layer: int, read: dict[str, Tensor], lo: int, hi: int) -> None:
@@ -138,14 +168,14 @@ def _band_table(g: _Gather, layer: int, vocab: list[str], windows: Tensor, setti
                                                          "acts")}).astype({"layer": np.int64, "neuron": np.int64})
 
 
-def _layer_bytes(top: Any, layer: int, d_model: int, settings: AtlasSettings, n_tokens: int) -> int:
+def _layer_bytes(top: Any, layer: int, d_model: int, settings: AtlasSettings, n_tokens: int) -> tuple[int, int]:
     """Memory the pass holds for one layer: h of its distinct examples (float32; at most one per token of the
-    corpus), the context activations and keys of every example, and the band sample with its contexts."""
+    corpus), and the rest: the context activations and keys of every example and the band sample with its
+    contexts."""
     n = int(top._keep()[layer].sum())
     width = settings.before + settings.after + 1
-    band = top.act.shape[1] * settings.bands * settings.per_band * (width + 4) * 4 * 2  # x2: while merging
-    return min(n, n_tokens) * 4 * d_model + n * (4 * width + 64) + band
-
+    band = top.act.shape[1] * settings.bands * settings.per_band * (width + 4) * 4
+    return min(n, n_tokens) * 4 * d_model, n * (4 * width + 64) + band
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,26 +183,27 @@ def _layer_bytes(top: Any, layer: int, d_model: int, settings: AtlasSettings, n_
 
 
 def layers_tables(model: Any, windows: Tensor, top: Any, layers: list[int], settings: AtlasSettings, *,
-                  memory_budget: int = 3 << 29, progress: bool = False) -> Iterator[LayerTables]:
-    """The `clusters` step of several layers, in process: consecutive layers are read in one pass while their
-    pre-MLP vectors fit in `memory_budget` bytes (default 1.5 GiB; a layer alone otherwise), then clustered one
-    by one. A larger budget means fewer passes (each up to its group's deepest layer), a smaller one less memory.
-    The tables equal `layer_tables` of each layer alone."""
-    d_model = model.cfg.d_model
-    groups: list[list[int]] = []
-    used = 0
-    for layer in layers:
-        need = _layer_bytes(top, layer, d_model, settings, int(windows.numel()))
-        if groups and used + need <= memory_budget:
-            groups[-1].append(layer)
-            used += need
+                  memory_budget: int = 3 << 29, progress: bool = False, spill_dir: str | os.PathLike | None = None,
+                  workers: int | None = None) -> Iterator[LayerTables]:
+    """The `clusters` step of several layers, in process: one pass over the windows reads every layer (up to the
+    deepest), then each layer is clustered in turn. The pre-MLP vectors of the first layers stay in memory while
+    they fit in `memory_budget` bytes (default 1.5 GiB); those of the others go to files in `spill_dir` (default:
+    a temporary folder), each read back when its layer is clustered. So the pass runs every block once however
+    many layers there are, and memory holds the budget plus one layer. `workers`: processes clustering each layer
+    (`cluster_layer`). The tables equal `layer_tables` of each layer alone."""
+    need = [_layer_bytes(top, layer, model.cfg.d_model, settings, int(windows.numel())) for layer in layers]
+    used = sum(rest for _, rest in need)  # held for every layer during the pass
+    spilled = []
+    for layer, (h_bytes, _) in zip(layers, need):
+        if used + h_bytes > memory_budget:
+            spilled.append(layer)  # h to a file
         else:
-            groups.append([layer])
-            used = need
-    for group in groups:
-        gathered = _layers_pass(model, windows, top, group, settings, progress=progress)
-        for layer in group:
-            yield _layer_step(model, windows, top, layer, gathered.pop(layer), settings)
+            used += h_bytes
+    with tempfile.TemporaryDirectory(prefix="atlas-h-", dir=spill_dir) as folder:
+        gathered = _layers_pass(model, windows, top, layers, settings, progress=progress,
+                                spill={layer: Path(folder) for layer in spilled})
+        for layer in layers:
+            yield _layer_step(model, windows, top, layer, gathered.pop(layer), settings, workers=workers)
 
 
 def layer_tables(model: Any, windows: Tensor, top: Any, layer: int, settings: AtlasSettings) -> LayerTables:
@@ -186,15 +217,16 @@ def layer_tables(model: Any, windows: Tensor, top: Any, layer: int, settings: At
                        settings)
 
 
-def _layer_step(model: Any, windows: Tensor, top: Any, layer: int, g: _Gather, settings: AtlasSettings
-                ) -> LayerTables:
+def _layer_step(model: Any, windows: Tensor, top: Any, layer: int, g: _Gather, settings: AtlasSettings, *,
+                workers: int | None = None) -> LayerTables:
     """Embed and cluster one layer's gathered examples, then write its tables."""
     W, b = embeddings.mlp_in_weights(model, layer, fold_ln=settings.fold_ln)
     bounds = np.searchsorted(g.examples["neuron"].to_numpy(), np.arange(model.cfg.d_mlp + 1))
-    lx = clustering.LayerExamples(layer=layer, examples=g.examples, keys=g.keys, h=g.h, inverse=g.inverse,
+    h = g.h.load() if isinstance(g.h, _RowsFile) else g.h
+    lx = clustering.LayerExamples(layer=layer, examples=g.examples, keys=g.keys, h=h, inverse=g.inverse,
                                   bounds=bounds, W=W.numpy().astype(np.float64), b=b.numpy().astype(np.float64),
                                   n_pos=int(windows.shape[1]))
-    done = cluster_layer(lx, settings)
+    done = cluster_layer(lx, settings, workers=workers)
     vocab = vocab_of(model)
     examples = _examples_table(model, windows, lx.examples, done, vocab)
     return LayerTables(
@@ -221,18 +253,52 @@ class ClusteredLayer:
     vectors: list[np.ndarray]
 
 
-def cluster_layer(lx: clustering.LayerExamples, settings: AtlasSettings) -> ClusteredLayer:
+# a layer with fewer example values (examples x d_model) is clustered in process unless `workers` is given: starting
+# workers takes seconds. The default tiny model (d_model 128, tens of thousands of examples a layer) stays in
+# process; GPT-2 small at 2,000 windows (about 164,000 examples x 768 a layer) goes to workers.
+PARALLEL_MIN_VALUES = 20_000_000
+
+
+def cluster_layer(lx: clustering.LayerExamples, settings: AtlasSettings, *, workers: int | None = None
+                  ) -> ClusteredLayer:
     """Cluster every neuron's examples by their embeddings `lx.embeddings(neuron)` (`clustering`, the settings'
     method), and find each cluster's centre, the tab rows and the 2-D map. Any unit whose examples embed as
-    `[n, d]` rows fits: `lx` says how."""
+    `[n, d]` rows fits: `lx` says how.
+
+    `workers` processes (default: one per core for a layer of at least `PARALLEL_MIN_VALUES` values, else 1)
+    take contiguous blocks of neurons; each neuron is clustered alone on one thread, so the result does not depend
+    on the number of workers.
+    """
+    d_mlp = len(lx.bounds) - 1
+    if workers is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = cores if len(lx.examples) * lx.h.shape[1] >= PARALLEL_MIN_VALUES else 1
+    workers = check_int_range("workers", workers, 1, 1024)
+    if workers == 1:
+        return _cluster_neurons(lx, settings, 0, d_mlp)
+    from joblib import Parallel, delayed
+
+    cuts = np.searchsorted(lx.bounds, np.linspace(0, lx.bounds[-1], 4 * workers + 1)[1:-1])  # ~equal examples
+    edges = np.unique(np.concatenate([[0], np.clip(cuts, 0, d_mlp), [d_mlp]]))
+    light = replace(lx, examples=None)  # the workers need h, W and the row maps only
+    parts = Parallel(n_jobs=workers, backend="loky")(
+        delayed(_cluster_neurons)(light, settings, int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]))
+    arrays = (np.concatenate([getattr(p, f) for p in parts]) for f in ("cluster", "central", "shown", "xy"))
+    lists = ([x for p in parts for x in getattr(p, f)] for f in ("stats", "vector_keys", "vectors"))
+    return ClusteredLayer(*arrays, *lists)
+
+
+def _cluster_neurons(lx: clustering.LayerExamples, settings: AtlasSettings, first: int, last: int) -> ClusteredLayer:
+    """`cluster_layer` of neurons `first..last - 1`: arrays over their rows `bounds[first]:bounds[last]`."""
     from threadpoolctl import threadpool_limits
 
-    n, d_mlp = len(lx.examples), len(lx.bounds) - 1
+    offset = int(lx.bounds[first])
+    n = int(lx.bounds[last]) - offset
     out = ClusteredLayer(np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool),
                          np.zeros((n, 2), dtype=np.float32), [], [], [])
     with threadpool_limits(1):  # many small matrices: BLAS threads only add overhead
-        for neuron in range(d_mlp):
-            lo, hi = int(lx.bounds[neuron]), int(lx.bounds[neuron + 1])
+        for neuron in range(first, last):
+            lo, hi = int(lx.bounds[neuron]) - offset, int(lx.bounds[neuron + 1]) - offset
             if hi == lo:
                 out.stats.append((0, 0, 0, 0.0, float("nan"), 0))
                 continue
