@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -49,7 +49,8 @@ from nbutils import cache as _cache
 from nbutils._validation import check_float_range, check_index_array, check_int_range, fail
 from nbutils.models import check_layer, check_neuron, check_windows, hook_name
 
-__all__ = ["CollectSettings", "TopActivations", "collect_top_activations", "merge", "neuron_activations"]
+__all__ = ["CollectSettings", "TopActivations", "collect_top_activations", "collect_top_units", "merge",
+           "neuron_activations"]
 
 _NO_WINDOW = -1  # window id of an empty slot (fewer windows seen than k)
 _FORMAT = 1  # bump when the stored state changes meaning
@@ -468,6 +469,55 @@ def collect_top_activations(
     if run is not None:
         run.save_finished(_state_table(*result), {"n_layers": n_layers, "d_mlp": model.cfg.d_mlp})
     return TopActivations(*result, settings=settings, n_windows=n_windows, window_ranges=ranges, **ids)
+
+
+def collect_top_units(
+    unit_acts: Callable[[Tensor], Tensor],
+    windows: Int[Tensor, "n_windows window"],
+    n_units: int,
+    *,
+    k: int = 128,
+    frac: float = 0.75,
+    batch_size: int = 64,
+    progress: bool = True,
+    desc: str = "collecting top activations",
+) -> TopActivations:
+    """The same streaming top-k as `collect_top_activations` over any units that a function computes from a
+    batch of windows (e.g. the latents of a sparse dictionary, `nbutils.dictionary`), in memory (no cache).
+
+    Args:
+        unit_acts: maps a batch of windows `[batch, window]` to the units' activations `[batch, window, n_units]`.
+        windows: token windows `[n_windows, window]` (checked by the caller against its model).
+        n_units: number of units.
+        k, frac, batch_size, progress: as in `collect_top_activations`.
+
+    Returns:
+        `TopActivations` with one "layer" (`act [1, n_units, k]`); its tables name the units `neuron`.
+    """
+    settings = CollectSettings(k=k, frac=frac, batch_size=batch_size)
+    n_units = check_int_range("n_units", n_units, 1, 2**31 - 1)
+    from tqdm.auto import tqdm
+
+    n_windows, n_pos = windows.shape
+    key, pos = _empty_state(n_units, settings.k, "cpu")
+    bar = tqdm(total=n_windows * n_pos, unit="tok", unit_scale=True, desc=desc, disable=not progress)
+    with torch.inference_mode():
+        for start in range(0, n_windows, settings.batch_size):
+            batch = windows[start : start + settings.batch_size]  # [batch, window]
+            acts = unit_acts(batch).float().cpu()  # [batch, window, n_units]
+            if acts.shape != (batch.shape[0], n_pos, n_units):
+                fail("unit_acts", f"return [batch, window, n_units] = {[batch.shape[0], n_pos, n_units]}",
+                     list(acts.shape))
+            top, where = acts.max(dim=1)  # [batch, n_units]
+            _check_finite(top.T, start)
+            ids = torch.arange(start, start + batch.shape[0])[:, None].expand_as(top)  # [batch, n_units]
+            candidates = (_order_key(top.T, ids.T), where.T.to(torch.int32))  # [n_units, batch] each
+            key, pos = _merge_topk((key, pos), candidates, settings.k)
+            bar.update(batch.numel())
+    bar.close()
+    act, window, position = _sorted_state(key, pos, 1)
+    return TopActivations(act, window, position, settings=settings, n_windows=n_windows,
+                          window_ranges=((0, n_windows),), corpus_id=_cache.tensor_fingerprint(windows))
 
 
 def _stream(
