@@ -472,7 +472,7 @@ def collect_top_activations(
 
 
 def collect_top_units(
-    unit_acts: Callable[[Tensor], Tensor],
+    unit_acts: Callable[[int, int], Tensor],
     windows: Int[Tensor, "n_windows window"],
     n_units: int,
     *,
@@ -486,7 +486,8 @@ def collect_top_units(
     batch of windows (e.g. the latents of a sparse dictionary, `nbutils.dictionary`), in memory (no cache).
 
     Args:
-        unit_acts: maps a batch of windows `[batch, window]` to the units' activations `[batch, window, n_units]`.
+        unit_acts: maps a range `start, stop` of windows to the units' activations there `[stop - start, window,
+            n_units]`.
         windows: token windows `[n_windows, window]` (checked by the caller against its model).
         n_units: number of units.
         k, frac, batch_size, progress: as in `collect_top_activations`.
@@ -504,7 +505,7 @@ def collect_top_units(
     with torch.inference_mode():
         for start in range(0, n_windows, settings.batch_size):
             batch = windows[start : start + settings.batch_size]  # [batch, window]
-            acts = unit_acts(batch).float().cpu()  # [batch, window, n_units]
+            acts = unit_acts(start, start + batch.shape[0]).float().cpu()  # [batch, window, n_units]
             if acts.shape != (batch.shape[0], n_pos, n_units):
                 fail("unit_acts", f"return [batch, window, n_units] = {[batch.shape[0], n_pos, n_units]}",
                      list(acts.shape))

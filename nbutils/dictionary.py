@@ -439,12 +439,21 @@ def hook_activations(
     return torch.cat(parts).reshape(-1, parts[0].shape[-1])  # [n_windows * window, d]
 
 
+def _check_inputs(inputs: Any, windows: Tensor, d_in: int) -> Tensor:
+    """`inputs` must be the hook's vectors of every token of `windows`: `[n_windows, window, d_in]`, finite."""
+    if not isinstance(inputs, Tensor) or tuple(inputs.shape) != (*windows.shape, d_in):
+        fail("inputs", f"be the hook's vectors of every token of `windows`, a tensor {[*windows.shape, d_in]}",
+             list(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__,
+             "Read them with `hook_activations(...).reshape(n_windows, window, -1)`, or pass None.")
+    return inputs.float()
+
+
 def encoder_inputs(
     model: Any, windows: Int[Tensor, "n_windows window"], dictionary: Dictionary, window_ids: Any, positions: Any,
-    *, batch_size: int = 64,
+    *, batch_size: int = 64, inputs: Float[Tensor, "n_windows window d_in"] | None = None,
 ) -> Float[Tensor, "n d_in"]:
     """The dictionary's encoder input `u` (module docstring) at each (window, position); each needed window runs
-    once, up to the dictionary's block."""
+    once, up to the dictionary's block, unless `inputs` already holds the hook's vectors of every token."""
     layer, kind = attach(model, dictionary)
     windows = check_windows(model, windows)
     batch_size = check_positive_int("batch_size", batch_size)
@@ -452,6 +461,8 @@ def encoder_inputs(
     pos = torch.from_numpy(check_index_array("positions", positions, windows.shape[1]))
     if len(wid) != len(pos):
         fail("positions", f"have one entry per window id ({len(wid)})", len(pos))
+    if inputs is not None:
+        return dictionary.encoder_input(_check_inputs(inputs, windows, dictionary.d_in)[wid, pos])  # [n, d_in]
     unique, inverse = torch.unique(wid, return_inverse=True)  # each window runs once
     parts = [hook_inputs(model, windows[unique[s : s + batch_size]], layer, kind) for s in range(0, len(unique), batch_size)]
     x = torch.cat(parts)[inverse, pos] if parts else torch.zeros(0, dictionary.d_in)  # [n, d_in]
@@ -472,23 +483,31 @@ def latent_embeddings(
 def collect_latent_top(
     model: Any, windows: Int[Tensor, "n_windows window"], dictionary: Dictionary, *, k: int = 128,
     frac: float = 0.75, batch_size: int = 64, progress: bool = True,
+    inputs: Float[Tensor, "n_windows window d_in"] | None = None,
 ) -> activations.TopActivations:
     """The top-k examples of every latent, ranked by its activation `f` (after threshold or top-k), in one
-    streaming pass over `windows` (`activations.collect_top_units`, in memory).
+    streaming pass over `windows` (`activations.collect_top_units`, in memory). With `inputs` (the hook's vectors
+    of every token of `windows`) the model is not run.
 
     Returns:
         `TopActivations` with `act [1, d_sae, k]`: its tables have `layer` 0 and the latent as `neuron`.
     """
     layer, kind = attach(model, dictionary)
     windows = check_windows(model, windows)
-    return activations.collect_top_units(lambda batch: dictionary.encode(hook_inputs(model, batch, layer, kind)),
-                                         windows, dictionary.d_sae, k=k, frac=frac, batch_size=batch_size,
+    if inputs is not None:
+        inputs = _check_inputs(inputs, windows, dictionary.d_in)
+
+    def latent_acts(start: int, stop: int) -> Tensor:
+        x = hook_inputs(model, windows[start:stop], layer, kind) if inputs is None else inputs[start:stop]
+        return dictionary.encode(x)  # [stop - start, window, d_sae]
+
+    return activations.collect_top_units(latent_acts, windows, dictionary.d_sae, k=k, frac=frac, batch_size=batch_size,
                                          progress=progress, desc="collecting latents' top activations")
 
 
 def latent_examples(
     model: Any, windows: Int[Tensor, "n_windows window"], dictionary: Dictionary, top: activations.TopActivations,
-    *, batch_size: int = 64,
+    *, batch_size: int = 64, inputs: Float[Tensor, "n_windows window d_in"] | None = None,
 ) -> clustering.LayerExamples:
     """Every latent's examples (`collect_latent_top`) with their encoder inputs `u`, read in one batched pass, as
     `clustering.LayerExamples` (`h = u`, `W = W_enc`, `b = bias`): pass it as `examples=` to
@@ -502,7 +521,8 @@ def latent_examples(
     n_pos = windows.shape[1]
     key = ex["window"].to_numpy() * n_pos + ex["pos"].to_numpy()  # one key per (window, pos)
     unique, inverse = np.unique(key, return_inverse=True)
-    u = encoder_inputs(model, windows, dictionary, unique // n_pos, unique % n_pos, batch_size=batch_size)
+    u = encoder_inputs(model, windows, dictionary, unique // n_pos, unique % n_pos, batch_size=batch_size,
+                       inputs=inputs)
     bounds = np.searchsorted(ex["neuron"].to_numpy(), np.arange(dictionary.d_sae + 1))
     return clustering.LayerExamples(layer=layer, examples=ex, keys=unique, h=u.numpy().astype(np.float64),
                                     inverse=inverse.reshape(-1), bounds=bounds,

@@ -173,6 +173,10 @@ def test_latents_on_the_model_invariant_top_k_and_polysemy(tmp_path, model, wind
         filled = best[order, latent] > 0
         assert (top.window[0, latent][filled].numpy() == order[filled.numpy()]).all()
         assert (top.pos[0, latent][filled] == where[order, latent][filled]).all()
+    given = dictionary.collect_latent_top(model, windows, d, k=8, frac=0.5, batch_size=16, progress=False, inputs=x)
+    assert torch.equal(given.window, top.window) and torch.allclose(given.act, top.act, atol=1e-5)
+    with pytest.raises(ValueError, match=r"`inputs` must be the hook's vectors of every token of `windows`"):
+        dictionary.collect_latent_top(model, windows, d, k=8, inputs=x[:, :5])
     ex = top.examples
     latent = int(ex["neuron"].value_counts().index[0])
     rows = ex[ex["neuron"] == latent]
@@ -181,6 +185,7 @@ def test_latents_on_the_model_invariant_top_k_and_polysemy(tmp_path, model, wind
     assert ((e.sum(-1) + d.bias[latent] - pre).abs().max() / pre.abs().max()) <= 1e-5
     lx = dictionary.latent_examples(model, windows, d, top)
     assert np.allclose(lx.embeddings(latent), e.numpy(), atol=1e-5)
+    assert np.allclose(dictionary.latent_examples(model, windows, d, top, inputs=x).h, lx.h, atol=1e-5)
     table = clustering.polysemy_table(model, windows, top, 1, examples=lx)
     assert len(table) == d.d_sae and (table["layer"] == 1).all()
     assert (table["n_examples"].to_numpy() == top.neurons["n_examples"].to_numpy()).all()
