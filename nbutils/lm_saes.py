@@ -28,7 +28,7 @@ from nbutils import activations, clustering, dictionary
 from nbutils.models import check_layer, check_windows
 from nbutils.sae import SAEConfig, train_saes_on
 
-__all__ = ["HOOK", "saelens_name", "layer_inputs", "layer_saes", "unit_polysemy", "compare"]
+__all__ = ["HOOK", "saelens_name", "layer_inputs", "layer_saes", "unit_polysemy", "compare", "plot_polysemy"]
 
 HOOK = "ln_normalized"  # the hook kind both SAEs read (`models.hook_name`)
 
@@ -63,7 +63,10 @@ def layer_saes(
     saes = train_saes_on(x, configs, workers=workers, progress=progress)
     out = []
     for config, sae in zip(configs, saes):
-        tail = {k: float(np.nanmean(v[-100:])) if len(v) else float("nan") for k, v in sae.history.items()}
+        tail = {}
+        for key, values in sae.history.items():  # mean of the last 100 steps (NaN: never computed, e.g. mono at 0)
+            last = np.asarray(values[-100:], dtype=np.float64)
+            tail[key] = float(last[~np.isnan(last)].mean()) if (~np.isnan(last)).any() else float("nan")
         extra = {"nbutils_sae_config": asdict(config), "nbutils_train_seconds": round(sae.train_seconds, 1),
                  "nbutils_final": tail}
         d = dictionary.from_sae(sae, saelens_name(layer), model_name=model_name, extra=extra)
@@ -83,11 +86,13 @@ def unit_polysemy(
     frac: float = 0.75,
     batch_size: int = 64,
     progress: bool = False,
+    inputs: Float[Tensor, "n_windows window d_model"] | None = None,
 ) -> pd.DataFrame:
     """Polysemy of every unit (`clustering.polysemy_table`, default method): the layer's MLP neurons when
     `dictionary_` is None, else the dictionary's latents, each from its top-`k` examples over `windows`
     (activation `>= frac * max`). Pass `top` (the neurons' `collect_top_activations` with the same k and frac) to
-    reuse a collection."""
+    reuse a collection, and `inputs` (the layer's `h` at every token of `windows`) to find the latents' examples
+    without running the model."""
     layer = check_layer(model, layer)
     windows = check_windows(model, windows)
     if dictionary_ is None:
@@ -96,8 +101,8 @@ def unit_polysemy(
                                                       progress=progress)
         return clustering.polysemy_table(model, windows, top, layer, batch_size=batch_size, progress=progress)
     top = dictionary.collect_latent_top(model, windows, dictionary_, k=k, frac=frac, batch_size=batch_size,
-                                        progress=progress)
-    lx = dictionary.latent_examples(model, windows, dictionary_, top, batch_size=batch_size)
+                                        progress=progress, inputs=inputs)
+    lx = dictionary.latent_examples(model, windows, dictionary_, top, batch_size=batch_size, inputs=inputs)
     return clustering.polysemy_table(model, windows, top, layer, examples=lx, progress=progress)
 
 
@@ -120,3 +125,22 @@ def compare(
                    else {"fvu": float("nan"), "mse": float("nan"), "l0": float("nan"), "dead_frac": float("nan")})
         rows.append({**row, **metrics})
     return pd.DataFrame(rows)
+
+
+def plot_polysemy(units: dict[str, pd.DataFrame], *, title: str = "") -> Any:
+    """Histograms of effective clusters per live unit, one line per kind of unit (`unit_polysemy` tables)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    live = {name: t.loc[~t["dead"], "effective_clusters"].to_numpy() for name, t in units.items()}
+    top = max((float(v.max()) for v in live.values() if len(v)), default=1.0)
+    bins = np.linspace(0, max(top, 1.0) + 0.5, 30)
+    for name, values in live.items():
+        ax.hist(values, bins=bins, histtype="step", density=True, linewidth=1.5,
+                label=f"{name} (mean {values.mean():.2f}, {len(values)} live)")
+    ax.set_xlabel("effective clusters of a unit's top examples")
+    ax.set_ylabel("share of live units (density)")
+    ax.set_title(title or "Polysemy of MLP neurons and SAE latents, same clustering, same windows")
+    ax.legend()
+    fig.tight_layout()
+    return fig
