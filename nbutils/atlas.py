@@ -158,6 +158,53 @@ class LayerTables:
     bands: pd.DataFrame | None = None
 
 
+@dataclass(frozen=True)
+class Units:
+    """What the build reads for one layer's units: the MLP's neurons (`dictionary=None`), or the latents of a sparse
+    dictionary (`nbutils.dictionary.Dictionary`, one layer: the block of the hook it reads).
+
+    Per unit kind: where the embedding's input vector is read and how (`h`: the norm's output for neurons, the
+    dictionary's encoder input `u` for latents), the weight columns and bias the embedding multiplies and sums to
+    (`weights`), and where the activation that ranks the examples is read and how (`act`: `hook_post`, or the
+    dictionary's encode of its hook's vector).
+    """
+
+    dictionary: Any = None
+
+    def count(self, model: Any) -> int:
+        return int(model.cfg.d_mlp) if self.dictionary is None else self.dictionary.d_sae
+
+    def d_in(self, model: Any) -> int:
+        return int(model.cfg.d_model) if self.dictionary is None else self.dictionary.d_in
+
+    def hooks(self, model: Any, layer: int, fold_ln: bool) -> tuple[str, str]:
+        """The hooks of the input vector and of the activation (one hook for latents: both come from it)."""
+        if self.dictionary is None:
+            return hook_name(layer, "ln_normalized" if fold_ln else "mlp_in", model), hook_name(layer, "post", model)
+        from nbutils.dictionary import attach
+
+        name = hook_name(*attach(model, self.dictionary), model)
+        return name, name
+
+    def h(self, t: Tensor) -> Tensor:
+        return t if self.dictionary is None else self.dictionary.encoder_input(t.float())
+
+    def act(self, t: Tensor) -> Tensor:
+        return t if self.dictionary is None else self.dictionary.encode(t.float())
+
+    def weights(self, model: Any, layer: int, fold_ln: bool) -> tuple[np.ndarray, np.ndarray]:
+        """`W [d_in, n_units]` and `b [n_units]` (float64): the embedding `h ⊙ W[:, j]` sums, plus `b[j]`, to the
+        unit's pre-activation."""
+        if self.dictionary is None:
+            W, b = embeddings.mlp_in_weights(model, layer, fold_ln=fold_ln)
+        else:
+            W, b = self.dictionary.W_enc, self.dictionary.bias
+        return W.numpy().astype(np.float64), b.numpy().astype(np.float64)
+
+
+NEURONS = Units()
+
+
 # --------------------------------------------------------------------------------------------------
 # Labels and token text
 
@@ -279,7 +326,7 @@ def _band_table(g: _Gather, layer: int, vocab: list[str], windows: Tensor, setti
 def _layer_bytes(top: Any, layer: int, d_model: int, settings: AtlasSettings, n_tokens: int) -> int:
     """Memory the pass holds for one layer: h of its distinct examples (float32; at most one per token of the
     corpus), the context activations and keys of every example, and the band sample with its contexts."""
-    n = int(top._keep()[layer].sum())
+    n = int(top._keep()[top.row(layer)].sum())
     width = settings.before + settings.after + 1
     band = top.act.shape[1] * settings.bands * settings.per_band * (width + 4) * 4 * 2  # x2: while merging
     return min(n, n_tokens) * 4 * d_model + n * (4 * width + 64) + band
@@ -287,7 +334,7 @@ def _layer_bytes(top: Any, layer: int, d_model: int, settings: AtlasSettings, n_
 
 @torch.inference_mode()
 def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], settings: AtlasSettings,
-                 progress: bool = False) -> dict[int, _Gather]:
+                 progress: bool = False, units: Units = NEURONS) -> dict[int, _Gather]:
     """One pass over all the windows, in fixed batches of `batch_size` (the same for any set of layers, so each
     layer's values are the same whether it runs alone, with others or on another worker), up to the deepest
     layer asked for; reads h and the neuron activations of every layer in `layers` at that layer's examples.
@@ -296,18 +343,17 @@ def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], setti
 
     n_windows, n_pos = windows.shape
     offsets = np.arange(-settings.before, settings.after + 1)  # [width]
-    kind = "ln_normalized" if settings.fold_ln else "mlp_in"
     out: dict[int, _Gather] = {}
     for layer in layers:
         ex = clustering._layer_examples(top, windows, layer).reset_index(drop=True)
         keys, inverse = np.unique(ex["window"].to_numpy(np.int64) * n_pos + ex["pos"].to_numpy(np.int64),
                                   return_inverse=True)
-        out[layer] = _Gather(ex, keys, inverse.reshape(-1), np.zeros((len(keys), model.cfg.d_model), dtype=np.float32),
+        out[layer] = _Gather(ex, keys, inverse.reshape(-1), np.zeros((len(keys), units.d_in(model)), dtype=np.float32),
                              np.full((len(ex), len(offsets)), np.nan, dtype=np.float32))
         if settings.bands:
             from nbutils import bands as _bands
 
-            shape = (model.cfg.d_mlp, settings.bands, settings.per_band)
+            shape = (units.count(model), settings.bands, settings.per_band)
             out[layer].band = _bands._empty(shape)
             out[layer].band_context = torch.full((*shape, len(offsets)), float("nan"))
     device = next(model.parameters()).device
@@ -330,7 +376,11 @@ def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], setti
                    torch.as_tensor(g.examples["neuron"].to_numpy(np.int64)[rows])[:, None]]  # [rows, width]
         g.context[rows] = np.where(valid, values.float().cpu().numpy(), np.nan)
         if settings.bands:
-            _band_merge(g, P.cpu(), lo, n_pos, top.max_act[layer].float(), settings)
+            _band_merge(g, P.cpu(), lo, n_pos, top.max_act[top.row(layer)].float(), settings)
+
+    def read_both(layer: int, t: Tensor, lo: int, hi: int) -> None:  # a hook that returns None leaves t as it is
+        read_h(layer, units.h(t), lo, hi)
+        read_post(layer, units.act(t), lo, hi)
 
     bar = tqdm(total=n_windows * n_pos, unit="tok", unit_scale=True, disable=not progress, leave=False,
                desc=f"reading h of layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}")
@@ -338,9 +388,14 @@ def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], setti
         hi = min(lo + settings.batch_size, n_windows)
         # hooks, not a cache: each layer's tensors are read and dropped as the forward pass goes, so one layer's
         # activations are held at a time
-        hooks = [hook for layer in layers for hook in (
-            (hook_name(layer, kind, model), lambda t, hook, l=layer: read_h(l, t, lo, hi)),
-            (hook_name(layer, "post", model), lambda t, hook, l=layer: read_post(l, t, lo, hi)))]
+        hooks = []
+        for layer in layers:
+            h_hook, act_hook = units.hooks(model, layer, settings.fold_ln)
+            if h_hook == act_hook:  # a dictionary: u and its latents' activations both come from one vector
+                hooks.append((h_hook, lambda t, hook, l=layer: read_both(l, t, lo, hi)))
+            else:
+                hooks += [(h_hook, lambda t, hook, l=layer: read_h(l, units.h(t), lo, hi)),
+                          (act_hook, lambda t, hook, l=layer: read_post(l, units.act(t), lo, hi))]
         model.run_with_hooks(windows[lo:hi].to(device), fwd_hooks=hooks, return_type=None,
                              stop_at_layer=max(layers) + 1)
         bar.update((hi - lo) * n_pos)
@@ -348,21 +403,21 @@ def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], setti
     return out
 
 
-def _layer_examples_of(model: Any, layer: int, g: _Gather, fold_ln: bool, n_pos: int) -> clustering.LayerExamples:
-    W, b = embeddings.mlp_in_weights(model, layer, fold_ln=fold_ln)
-    bounds = np.searchsorted(g.examples["neuron"].to_numpy(), np.arange(model.cfg.d_mlp + 1))
+def _layer_examples_of(model: Any, layer: int, g: _Gather, fold_ln: bool, n_pos: int, units: Units = NEURONS
+                       ) -> clustering.LayerExamples:
+    W, b = units.weights(model, layer, fold_ln)
+    bounds = np.searchsorted(g.examples["neuron"].to_numpy(), np.arange(units.count(model) + 1))
     return clustering.LayerExamples(layer=layer, examples=g.examples, keys=g.keys, h=g.h, inverse=g.inverse,
-                                    bounds=bounds, W=W.numpy().astype(np.float64), b=b.numpy().astype(np.float64),
-                                    n_pos=n_pos)
+                                    bounds=bounds, W=W, b=b, n_pos=n_pos)
 
 
 def layers_tables(model: Any, windows: Tensor, top: Any, layers: list[int], settings: AtlasSettings, *,
-                  memory_budget: int = 3 << 29, progress: bool = False) -> Iterator[LayerTables]:
+                  memory_budget: int = 3 << 29, progress: bool = False, units: Units = NEURONS) -> Iterator[LayerTables]:
     """The `clusters` step of several layers, in process: consecutive layers are read in one pass while their
     pre-MLP vectors fit in `memory_budget` bytes (default 1.5 GiB; a layer alone otherwise), then clustered one
     by one. A larger budget means fewer passes (each up to its group's deepest layer), a smaller one less memory.
     The tables equal `layer_tables` of each layer alone."""
-    d_model = model.cfg.d_model
+    d_model = units.d_in(model)
     groups: list[list[int]] = []
     used = 0
     for layer in layers:
@@ -374,35 +429,36 @@ def layers_tables(model: Any, windows: Tensor, top: Any, layers: list[int], sett
             groups.append([layer])
             used = need
     for group in groups:
-        gathered = _layers_pass(model, windows, top, group, settings, progress=progress)
+        gathered = _layers_pass(model, windows, top, group, settings, progress=progress, units=units)
         for layer in group:
-            yield _cluster_layer(model, windows, top, layer, gathered.pop(layer), settings)
+            yield _cluster_layer(model, windows, top, layer, gathered.pop(layer), settings, units)
 
 
-def layer_tables(model: Any, windows: Tensor, top: Any, layer: int, settings: AtlasSettings) -> LayerTables:
+def layer_tables(model: Any, windows: Tensor, top: Any, layer: int, settings: AtlasSettings, *,
+                 units: Units = NEURONS) -> LayerTables:
     """The `clusters` step of one layer: every neuron's examples clustered, its polysemy, maps, context
     activations of the shown examples and the central embedding of each feature.
 
     One batched pass over the windows reads h of all the layer's examples and their context activations
     (`_layers_pass`). Deterministic: the same inputs give the same tables, in any process.
     """
-    return _cluster_layer(model, windows, top, layer, _layers_pass(model, windows, top, [layer], settings)[layer],
-                          settings)
+    return _cluster_layer(model, windows, top, layer,
+                          _layers_pass(model, windows, top, [layer], settings, units=units)[layer], settings, units)
 
 
-def _cluster_layer(model: Any, windows: Tensor, top: Any, layer: int, g: _Gather, settings: AtlasSettings
-                   ) -> LayerTables:
+def _cluster_layer(model: Any, windows: Tensor, top: Any, layer: int, g: _Gather, settings: AtlasSettings,
+                   units: Units = NEURONS) -> LayerTables:
     from threadpoolctl import threadpool_limits
 
-    lx = _layer_examples_of(model, layer, g, settings.fold_ln, int(windows.shape[1]))
+    lx = _layer_examples_of(model, layer, g, settings.fold_ln, int(windows.shape[1]), units)
     context = g.context
     ex = lx.examples
-    n, d_mlp = len(ex), model.cfg.d_mlp
+    n, d_mlp = len(ex), units.count(model)
     cluster = np.zeros(n, dtype=np.int64)
     central = np.zeros(n, dtype=bool)
     shown = np.zeros(n, dtype=bool)
     xy = np.zeros((n, 2), dtype=np.float32)
-    max_act = top.max_act[layer].numpy().astype(np.float32)
+    max_act = top.max_act[top.row(layer)].numpy().astype(np.float32)
     stats, vec_rows, vecs = [], [], []
     with threadpool_limits(1):  # many small matrices: BLAS threads only add overhead
         for neuron in range(d_mlp):
@@ -456,7 +512,7 @@ def _cluster_layer(model: Any, windows: Tensor, top: Any, layer: int, g: _Gather
         "window": shown_rows["window"].to_numpy(), "pos": shown_rows["pos"].to_numpy(),
         "start": start.astype(np.int64), "acts": acts,
     })
-    d_model = model.cfg.d_model
+    d_model = units.d_in(model)
     vectors = pd.DataFrame(vec_rows, columns=["layer", "neuron", "cluster"]).astype(np.int64)
     vectors["vector"] = list(np.array(vecs, dtype=np.float32).reshape(-1, d_model))
     band_rows = _band_table(g, layer, vocab, windows, settings) if settings.bands else None
@@ -511,7 +567,7 @@ def _nearest_other(u: np.ndarray, owner: np.ndarray, k: int, chunk_bytes: int = 
 
 @torch.inference_mode()
 def _cross_acts(model: Any, windows: Tensor, window: np.ndarray, pos: np.ndarray, layer: np.ndarray,
-                neuron: np.ndarray, batch_size: int, progress: bool = False) -> np.ndarray:
+                neuron: np.ndarray, batch_size: int, progress: bool = False, units: Units = NEURONS) -> np.ndarray:
     """Activation of neuron (`layer[i]`, `neuron[i]`) at (`window[i]`, `pos[i]`) for every request i `[n]`, from
     one pass over the distinct windows in batches of `batch_size`, up to the deepest layer asked for. Each layer's
     activations are read as the pass reaches it and dropped, so memory holds one layer's batch at a time."""
@@ -538,7 +594,7 @@ def _cross_acts(model: Any, windows: Tensor, window: np.ndarray, pos: np.ndarray
             values[rows[sel]] = block[torch.as_tensor(local[sel]), torch.as_tensor(pos[rows][sel].astype(np.int64)),
                                       torch.as_tensor(neuron[rows][sel].astype(np.int64))].float().cpu().numpy()
 
-        hooks = [(hook_name(l, "post", model), lambda act, hook, l=l: read(act, hook, l)) for l in layers]
+        hooks = [(units.hooks(model, l, True)[1], lambda act, hook, l=l: read(units.act(act), hook, l)) for l in layers]
         model.run_with_hooks(windows[torch.as_tensor(unique[lo:hi])].to(device), fwd_hooks=hooks, return_type=None,
                              stop_at_layer=layers[-1] + 1)
     return values
@@ -549,13 +605,14 @@ EXAMPLE_COLUMNS = ["layer", "neuron", "cluster", "window", "pos", "act"]  # what
 
 def similar_table(model: Any, windows: Tensor, features: pd.DataFrame, vectors: Callable[[int], pd.DataFrame],
                   examples: Callable[[int], pd.DataFrame], max_act: np.ndarray, settings: AtlasSettings,
-                  n_pos: int, progress: bool = False) -> pd.DataFrame:
+                  n_pos: int, progress: bool = False, units: Units = NEURONS) -> pd.DataFrame:
     """The `similar` step: for every feature, its `n_similar` nearest features of other neurons (any layer).
 
     Args:
         features: the `features` rows of all layers; vectors: layer -> the central embeddings of that layer's
             features (`layer, neuron, cluster, vector`); examples: layer -> that layer's `examples` table
-            (`EXAMPLE_COLUMNS` are enough); max_act: `[n_layers, d_mlp]`.
+            (`EXAMPLE_COLUMNS` are enough); max_act: `[n_layers, n_units]`, indexed by layer; units: neurons
+            or a dictionary's latents (`Units`).
 
     Memory: the unit feature vectors (`[n_features, d_model]` float32, filled a layer at a time), one layer's
     examples at a time, every feature's example keys (int64, one per example of a feature), and
@@ -642,7 +699,8 @@ def similar_table(model: Any, windows: Tensor, features: pd.DataFrame, vectors: 
     del member
     other_layer, other_neuron = f_layer[j_idx][pair], f_neuron[j_idx][pair]
     vals = _cross_acts(model, windows, (req_key // n_pos).astype(np.int32), (req_key % n_pos).astype(np.int32),
-                       other_layer.astype(np.int32), other_neuron.astype(np.int32), settings.batch_size, progress)
+                       other_layer.astype(np.int32), other_neuron.astype(np.int32), settings.batch_size, progress,
+                       units)
     del req_key
     scale = max_act[other_layer, other_neuron].astype(np.float64)
     rel = np.where(scale > 0, vals / np.where(scale > 0, scale, 1.0), np.nan)
@@ -816,6 +874,7 @@ def build_atlas(
     progress: bool = True,
     top: Any = None,
     map_layers: Callable[[list[int], AtlasSettings], Iterator[LayerTables]] | None = None,
+    sae: Any = None,
     **options: Any,
 ) -> "Atlas":
     """Build (or resume, or just open) the feature atlas of `model` over `windows`.
@@ -834,6 +893,9 @@ def build_atlas(
             shards): the collection step stores it instead of collecting.
         map_layers: runs the `clusters` step of many layers, e.g. on remote workers:
             `map_layers(layers, settings)` yields a `LayerTables` per layer, in any order. Default: in process.
+        sae: a sparse dictionary (a SAELens folder, or a `dictionary.Dictionary`): the atlas is then of its
+            latents instead of the MLP neurons, with the same tables (`neuron` is the latent, `layer` the block of
+            the hook it reads). The manifest records its config and weight hash, which are part of the key.
         **options: other `AtlasSettings` fields (`fold_ln`, `min_size`, `n_similar`, `shown`, `before`, `after`,
             `batch_size`).
 
@@ -857,6 +919,9 @@ def build_atlas(
     settings = AtlasSettings(k=k, frac=frac, method=method, threshold=threshold, **options)
     windows = check_windows(model, windows)
     n_layers = model.cfg.n_layers
+    units, sparse = _dictionary_units(model, sae, layers, top, map_layers)
+    if sparse is not None:
+        layers = [sparse["layer"]]
     if layers is None:
         layer_list = list(range(n_layers))
     else:
@@ -872,7 +937,8 @@ def build_atlas(
     source = data._source(source)
     model_id, corpus_id = cache.model_fingerprint(model), cache.tensor_fingerprint(windows)
     key = {"format": FORMAT, "model_id": model_id, "corpus_id": corpus_id, "layers": layer_list,
-           "settings": asdict(settings)}
+           "settings": asdict(settings),
+           **({"dictionary": {"weights_hash": sparse["weights_hash"], "cfg": sparse["cfg"]}} if sparse else {})}
     key = json.loads(json.dumps(key, sort_keys=True))
     key_hash = cache.text_fingerprint(json.dumps(key, sort_keys=True))
     path = out_path if out_path is not None else _env.cache_dir(cache_dir) / "atlas" / key_hash[:20]
@@ -888,6 +954,7 @@ def build_atlas(
             "corpus": {"source": source, "n_windows": int(windows.shape[0]), "window": int(windows.shape[1]),
                        "fingerprint": corpus_id},
             "settings": asdict(settings), "versions": _versions(), "steps": {}, "status": "running",
+            "units": "latents" if sparse else "neurons", **({"dictionary": sparse} if sparse else {}),
         }
     elif manifest["key_hash"] != key_hash:
         raise CacheError(f"Folder {path} holds an atlas of another model, corpus or settings (key "
@@ -900,7 +967,12 @@ def build_atlas(
     try:
         started = time.perf_counter()
         if not folder.done("collect"):
-            if top is None:
+            if units.dictionary is not None:
+                from nbutils.dictionary import collect_latent_top
+
+                top = collect_latent_top(model, windows, units.dictionary, k=settings.k, frac=settings.frac,
+                                         batch_size=settings.batch_size, progress=progress)
+            elif top is None:
                 top = activations.collect_top_activations(model, windows, k=settings.k, frac=settings.frac,
                                                           batch_size=settings.batch_size, cache_dir=cache_dir,
                                                           progress=progress)
@@ -917,7 +989,7 @@ def build_atlas(
         todo = [l for l in layer_list if not folder.done(f"layer {l} clusters")]
         bar.update(len(layer_list) - len(todo))
         runner = map_layers if map_layers is not None else (
-            lambda ls, st: layers_tables(model, windows, top, ls, st, progress=progress))
+            lambda ls, st: layers_tables(model, windows, top, ls, st, progress=progress, units=units))
         started, waiting = time.perf_counter(), set(todo)
         for tables in runner(todo, settings):
             l = getattr(tables, "layer", None)
@@ -948,7 +1020,8 @@ def build_atlas(
                                   lambda l: pd.read_parquet(folder.file(_layer_file("vectors", l))),
                                   lambda l: pd.read_parquet(folder.file(_layer_file("examples", l)),
                                                             columns=EXAMPLE_COLUMNS),
-                                  top.max_act.numpy(), settings, int(windows.shape[1]), progress=progress)
+                                  _max_act_by_layer(top), settings, int(windows.shape[1]), progress=progress,
+                                  units=units)
             folder.finish("similar", {"similar.parquet": table}, time.perf_counter() - started)
         bar.update(1)
     finally:
@@ -956,6 +1029,34 @@ def build_atlas(
     folder.manifest["status"] = "complete"
     folder.save()
     return Atlas.open(path)
+
+
+def _dictionary_units(model: Any, sae: Any, layers: Any, top: Any, map_layers: Any) -> tuple[Units, dict | None]:
+    """The units of an atlas (`build_atlas`'s `sae`) and, for a dictionary, what the manifest records of it."""
+    if sae is None:
+        return NEURONS, None
+    from nbutils import dictionary
+
+    d = sae if isinstance(sae, dictionary.Dictionary) else dictionary.load_dictionary(sae)
+    layer, kind = dictionary.attach(model, d)
+    if layers is not None and (isinstance(layers, (str, bytes)) or list(layers) != [layer]):
+        fail("layers", f"be None or [{layer}] with `sae` (the block of its hook {d.hook_name!r})", repr(layers))
+    if top is not None or map_layers is not None:
+        fail("sae", "be used without `top` and `map_layers`", "both an sae and one of them",
+             "The latents are collected and clustered in this process.")
+    return Units(d), {"layer": layer, "hook": hook_name(layer, kind, model), "saelens_hook": d.hook_name,
+                      "architecture": d.architecture, "d_sae": d.d_sae, "d_in": d.d_in,
+                      "path": "" if isinstance(sae, dictionary.Dictionary) else str(Path(sae).expanduser().resolve()),
+                      "weights_hash": d.fingerprint(), "cfg": json.loads(json.dumps(d.cfg, default=str))}
+
+
+def _max_act_by_layer(top: activations.TopActivations) -> np.ndarray:
+    """Each unit's max activation `[n_layers, n_units]` indexed by model layer (rows of layers not collected: 0)."""
+    if top.layers is None:
+        return top.max_act.numpy()
+    out = np.zeros((max(top.layers) + 1, top.d_mlp), dtype=np.float32)
+    out[list(top.layers)] = top.max_act.numpy()
+    return out
 
 
 def _check_top_arg(model: Any, windows: Tensor, top: Any, settings: AtlasSettings) -> None:
@@ -988,11 +1089,15 @@ def _read_top(folder: _Folder) -> activations.TopActivations:
     m = folder.manifest
     table = pd.read_parquet(folder.file("top.parquet"))
     n_layers, d_mlp, k = m["model"]["n_layers"], m["model"]["d_mlp"], m["settings"]["k"]
+    sparse = m.get("dictionary")
+    if sparse:  # one row: the dictionary's latents at its hook's layer
+        n_layers, d_mlp = 1, sparse["d_sae"]
     act, window, pos = activations._state_from_table(table, n_layers, d_mlp, k)
     settings = activations.CollectSettings(k=k, frac=m["settings"]["frac"], batch_size=m["settings"]["batch_size"])
     n = m["corpus"]["n_windows"]
     return activations.TopActivations(act, window, pos, settings=settings, n_windows=n, window_ranges=((0, n),),
-                                      model_id=m["model"]["fingerprint"], corpus_id=m["corpus"]["fingerprint"])
+                                      model_id=m["model"]["fingerprint"], corpus_id=m["corpus"]["fingerprint"],
+                                      layers=(sparse["layer"],) if sparse else None)
 
 
 def load_or_build(*, model: Any = None, source: str | None = None, n_windows: int, window: int = 64,
@@ -1038,8 +1143,9 @@ class Atlas:
 
     Attributes:
         path: the folder; manifest: its `manifest.json`; settings: the `AtlasSettings`;
-        n_layers, d_mlp, d_model: the model's sizes; layers: the clustered layers;
-        loaded_from_cache: True when `load_or_build` found it finished.
+        n_layers, d_mlp, d_model: the model's sizes (`d_mlp`: the dictionary's `d_sae` in an atlas of latents);
+        layers: the clustered layers; dictionary: what the manifest records of the dictionary whose latents the
+        atlas holds (None for neurons); loaded_from_cache: True when `load_or_build` found it finished.
     """
 
     def __init__(self, path: Path, manifest: dict) -> None:
@@ -1049,6 +1155,9 @@ class Atlas:
         m = manifest["model"]
         self.n_layers, self.d_mlp, self.d_model = int(m["n_layers"]), int(m["d_mlp"]), int(m["d_model"])
         self.layers: list[int] = list(manifest["layers"])
+        self.dictionary: dict | None = manifest.get("dictionary")
+        if self.dictionary:
+            self.d_mlp = int(self.dictionary["d_sae"])  # the units of its one layer are the latents
         self.loaded_from_cache = False
         self._con: Any = None
         self._windows: Tensor | None = None
@@ -1293,6 +1402,9 @@ class Atlas:
             f"settings  k={s.k} frac={s.frac} method={s.method} threshold={s.threshold} fold_ln={s.fold_ln} "
             f"min_size={s.min_size}",
             f"layers    {self.layers}",
+            *([f"units     latents of {self.dictionary['saelens_hook']} ({self.dictionary['architecture']}, "
+               f"d_sae {self.dictionary['d_sae']}; weights sha256 {self.dictionary['weights_hash'][:12]})"]
+              if self.dictionary else []),
             f"tables    {counts['neurons']:,} neurons, {counts['examples']:,} examples, {counts['features']:,} "
             f"features, {counts['similar']:,} similar pairs",
             f"size      {size / 1e6:.1f} MB on disk; steps took {seconds:.1f} s",

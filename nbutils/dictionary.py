@@ -154,6 +154,18 @@ class Dictionary:
         """The bias of the pre-activation that the embedding sums to: `b_enc`, or `b_gate` for gated."""
         return self.b_gate if self.architecture == "gated" else self.b_enc  # type: ignore[return-value]
 
+    def fingerprint(self) -> str:
+        """`weights_hash` (sha256 of the weights file) when read from or written to a folder, else a sha256 of the
+        tensors' float32 bytes and the config's architecture settings."""
+        if self.weights_hash:
+            return self.weights_hash
+        digest = hashlib.sha256(json.dumps([self.architecture, self.k, self.rescale_acts_by_decoder_norm,
+                                            self.apply_b_dec_to_input, self.normalize_activations]).encode())
+        for name, tensor in sorted(self.weights().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+        return digest.hexdigest()
+
     def weights(self) -> dict[str, Tensor]:
         """The tensors as SAELens names them (those the architecture has)."""
         names = ("W_enc", "W_dec", "b_dec") + _EXTRA_WEIGHTS[self.architecture]
@@ -490,7 +502,8 @@ def collect_latent_top(
     of every token of `windows`) the model is not run.
 
     Returns:
-        `TopActivations` with `act [1, d_sae, k]`: its tables have `layer` 0 and the latent as `neuron`.
+        `TopActivations` with `act [1, d_sae, k]` and `layers=(layer,)`: its tables have the hook's layer as
+        `layer` and the latent as `neuron`.
     """
     layer, kind = attach(model, dictionary)
     windows = check_windows(model, windows)
@@ -502,7 +515,7 @@ def collect_latent_top(
         return dictionary.encode(x)  # [stop - start, window, d_sae]
 
     return activations.collect_top_units(latent_acts, windows, dictionary.d_sae, k=k, frac=frac, batch_size=batch_size,
-                                         progress=progress, desc="collecting latents' top activations")
+                                         progress=progress, desc="collecting latents' top activations", layer=layer)
 
 
 def latent_examples(
@@ -514,7 +527,7 @@ def latent_examples(
     `clustering.polysemy_table` to cluster the latents as neurons are clustered."""
     layer, _ = attach(model, dictionary)
     windows = check_windows(model, windows)
-    if top.n_layers != 1 or top.d_mlp != dictionary.d_sae:
+    if top.layers != (layer,) or top.d_mlp != dictionary.d_sae:
         fail("top", f"hold the top-k of this dictionary's {dictionary.d_sae} latents (`collect_latent_top`)",
              f"{top.n_layers} layers of {top.d_mlp} units")
     ex = top.examples

@@ -250,3 +250,40 @@ def test_dictionary_that_does_not_fit_the_model(tmp_path, model, hook, d_in, mat
     d = dictionary.load_dictionary(tmp_path / "a")
     with pytest.raises(ValueError, match=match):
         dictionary.attach(model, d)
+
+
+# --------------------------------------------------------------------------------------------------
+# The atlas of a dictionary's latents
+
+
+def test_atlas_of_latents_has_the_tables_of_neurons(tmp_path, model, windows):
+    from nbutils import __main__ as cli
+    from nbutils import atlas
+
+    _random_folder(tmp_path / "sae", "jumprelu", d_in=model.cfg.d_model, d_sae=64)
+    d = dictionary.load_dictionary(tmp_path / "sae")
+    built = atlas.build_atlas(model, windows, k=8, sae=tmp_path / "sae", out=tmp_path / "atlas", progress=False)
+    m = built.manifest
+    assert m["units"] == "latents" and built.layers == [1] and built.d_mlp == 64
+    assert m["dictionary"]["weights_hash"] == d.weights_hash and m["dictionary"]["cfg"] == d.cfg
+    assert m["key"]["dictionary"]["weights_hash"] == d.weights_hash
+    top = dictionary.collect_latent_top(model, windows, d, k=8, progress=False)
+    neurons = built.table("neurons")
+    assert len(neurons) == 64 and (neurons["layer"] == 1).all()
+    assert (neurons["n_examples"].to_numpy() == top.neurons["n_examples"].to_numpy()).all()
+    # a latent's clusters are the default clustering of its latent embeddings
+    latent = int(built.most_polysemantic(1, min_examples=4)["neuron"].iloc[0])
+    ex = built.neuron_examples(1, latent)
+    e = dictionary.latent_embeddings(model, windows, d, latent, ex["window"], ex["pos"])
+    assert (ex["cluster"].to_numpy() == clustering.cluster(e.numpy())).all()
+    assert np.allclose(ex["act"], top.neuron_examples(1, latent)["act"])
+    similar = built.table("similar")
+    assert len(similar) and similar["cross_act"].notna().all() and (similar["neuron"] != similar["other_neuron"]).all()
+    assert "latents of blocks.1.ln2.hook_normalized" in built.info()
+    # the same dictionary rebuilt reuses the atlas; another layer is refused
+    assert atlas.build_atlas(model, windows, k=8, sae=d, out=tmp_path / "atlas", progress=False).manifest["steps"]
+    with pytest.raises(ValueError, match=r"`layers` must be None or \[1\] with `sae`"):
+        atlas.build_atlas(model, windows, k=8, sae=d, layers=[2], out=tmp_path / "other", progress=False)
+    code = cli.main(["atlas", "build", "--windows", "24", "--window", "16", "--k", "4", "--quiet", "--sae",
+                     str(tmp_path / "sae"), "--out", str(tmp_path / "cli")])
+    assert code == 0 and atlas.Atlas.open(tmp_path / "cli").dictionary["d_sae"] == 64
