@@ -25,6 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nbutils import activations, clustering, dictionary
+from nbutils._validation import check_positive_int
 from nbutils.models import check_layer, check_windows
 from nbutils.sae import SAEConfig, train_saes_on
 
@@ -108,38 +109,48 @@ def unit_polysemy(
 
 def compare(
     units: dict[str, pd.DataFrame], dictionaries: dict[str, dictionary.Dictionary],
-    x_heldout: Float[Tensor, "n d_model"],
+    x_heldout: Float[Tensor, "n d_model"], *, min_examples: int = 10,
 ) -> pd.DataFrame:
     """One row per kind of unit: reconstruction (`dictionary.reconstruction_metrics` on held-out tokens: `fvu`,
-    `l0`, `dead_frac`; NaN for neurons) and polysemy over live units (`units`, `unit_polysemy` tables):
-    `units`, `live`, mean `effective_clusters` and `n_clusters`, the share of units with more than one effective
-    cluster (`polysemantic_frac`: effective clusters >= 1.5) and mean `monosemanticity`."""
+    `l0`, `dead_frac`; NaN for neurons) and polysemy (`units`: `unit_polysemy` tables).
+
+    Polysemy is averaged over the units with at least `min_examples` top examples (`measured`): a unit with one or
+    two examples has no clusters to count (its effective clusters are 0), so sparse units would otherwise look
+    monosemantic. Columns: `n_units`, `live` (any example), `measured`, mean `n_examples` of live units, mean
+    `effective_clusters` and `n_clusters`, `polysemantic_frac` (share with effective clusters >= 1.5) and mean
+    `monosemanticity` (mean pairwise cosine of the embeddings).
+    """
+    min_examples = check_positive_int("min_examples", min_examples)
     rows = []
     for name, table in units.items():
         live = table[~table["dead"]]
-        row = {"units": name, "n_units": len(table), "live": len(live),
-               "effective_clusters": live["effective_clusters"].mean(), "n_clusters": live["n_clusters"].mean(),
-               "polysemantic_frac": float((live["effective_clusters"] >= 1.5).mean()),
-               "monosemanticity": live["monosemanticity"].mean()}
+        measured = live[live["n_examples"] >= min_examples]
+        row = {"units": name, "n_units": len(table), "live": len(live), "measured": len(measured),
+               "n_examples": live["n_examples"].mean(),
+               "effective_clusters": measured["effective_clusters"].mean(), "n_clusters": measured["n_clusters"].mean(),
+               "polysemantic_frac": float((measured["effective_clusters"] >= 1.5).mean()),
+               "monosemanticity": measured["monosemanticity"].mean()}
         metrics = (dictionary.reconstruction_metrics(dictionaries[name], x_heldout) if name in dictionaries
                    else {"fvu": float("nan"), "mse": float("nan"), "l0": float("nan"), "dead_frac": float("nan")})
         rows.append({**row, **metrics})
     return pd.DataFrame(rows)
 
 
-def plot_polysemy(units: dict[str, pd.DataFrame], *, title: str = "") -> Any:
-    """Histograms of effective clusters per live unit, one line per kind of unit (`unit_polysemy` tables)."""
+def plot_polysemy(units: dict[str, pd.DataFrame], *, min_examples: int = 10, title: str = "") -> Any:
+    """Histograms of effective clusters per unit with at least `min_examples` examples, one line per kind of unit
+    (`unit_polysemy` tables)."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    live = {name: t.loc[~t["dead"], "effective_clusters"].to_numpy() for name, t in units.items()}
+    live = {name: t.loc[~t["dead"] & (t["n_examples"] >= min_examples), "effective_clusters"].to_numpy()
+            for name, t in units.items()}
     top = max((float(v.max()) for v in live.values() if len(v)), default=1.0)
     bins = np.linspace(0, max(top, 1.0) + 0.5, 30)
     for name, values in live.items():
         ax.hist(values, bins=bins, histtype="step", density=True, linewidth=1.5,
-                label=f"{name} (mean {values.mean():.2f}, {len(values)} live)")
+                label=f"{name} (mean {values.mean():.2f}, {len(values)} units)")
     ax.set_xlabel("effective clusters of a unit's top examples")
-    ax.set_ylabel("share of live units (density)")
+    ax.set_ylabel(f"share of units with >= {min_examples} examples")
     ax.set_title(title or "Polysemy of MLP neurons and SAE latents, same clustering, same windows")
     ax.legend()
     fig.tight_layout()
