@@ -280,6 +280,12 @@ def test_atlas_of_latents_has_the_tables_of_neurons(tmp_path, model, windows):
     similar = built.table("similar")
     assert len(similar) and similar["cross_act"].notna().all() and (similar["neuron"] != similar["other_neuron"]).all()
     assert "latents of blocks.1.ln2.hook_normalized" in built.info()
+    from nbutils import explorer
+
+    view = explorer.Explorer(built)  # reads the stored tables; the model-based views are refused, not answered for a neuron
+    assert view.neuron_data(1, latent).examples["neuron"].eq(latent).all()
+    with pytest.raises(ValueError, match=r"`atlas` must be an atlas of MLP neurons for live re-clustering"):
+        view.importance_of(1, latent, int(ex["window"].iloc[0]), int(ex["pos"].iloc[0]))
     # the same dictionary rebuilt reuses the atlas; another layer is refused
     assert atlas.build_atlas(model, windows, k=8, sae=d, out=tmp_path / "atlas", progress=False).manifest["steps"]
     with pytest.raises(ValueError, match=r"`layers` must be None or \[1\] with `sae`"):
