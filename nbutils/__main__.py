@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("path", help="atlas folder")
     query = sub.add_parser("query", help="run a SQL query (DuckDB) over an atlas's tables")
     query.add_argument("path", help="atlas folder")
-    query.add_argument("sql", help="the query; views: neurons, examples, contexts, features, \"similar\", windows, vocab")
+    query.add_argument("sql", help="the query; views: neurons, examples, contexts, features, bands, similar_features, "
+                       "windows, vocab (the window id is window_id)")
     query.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     return parser
 
