@@ -46,7 +46,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -242,7 +242,7 @@ class Dictionary:
 # The folder: read, check, write
 
 
-def _cfg_error(field_name: str, must: str, got: Any) -> None:
+def _cfg_error(field_name: str, must: str, got: Any) -> NoReturn:
     fail(field_name, must, got, f"Fix `{field_name}` in {CFG_FILE}.")
 
 
