@@ -64,7 +64,7 @@ def read_layers(
 
     hooks = [(hook_name(layer, kind, model), lambda t, hook, l=layer, k=kind: read(t, hook, l, k))
              for layer in layers for kind in kinds]
-    bar = tqdm(total=n_windows * n_pos, unit="tok", unit_scale=True, disable=not progress, leave=False, desc=desc)
+    bar = tqdm(total=n_windows * n_pos, unit="tok", unit_scale=True, disable=not progress, desc=desc)
     for lo in range(0, n_windows, batch_size):
         hi = min(lo + batch_size, n_windows)
         bounds = (lo, hi)

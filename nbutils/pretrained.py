@@ -43,7 +43,8 @@ from typing import Any
 from nbutils import _env
 from nbutils.cache import CacheError
 
-__all__ = ["PretrainedSpec", "PRETRAINED", "fetch_command", "wheel_file", "local_folder", "window_start_token"]
+__all__ = ["PretrainedSpec", "PRETRAINED", "fetch_command", "wheel_file", "local_folder", "window_start_token",
+           "converted_name"]
 
 _FORMAT = 1  # part of the converted folder's record; bump when the conversion changes
 
@@ -142,6 +143,16 @@ def wheel_file(name: str, *, cache_dir: str | os.PathLike | None = None, fetch: 
 def _converted_record(spec: PretrainedSpec) -> dict:
     return {"format": _FORMAT, "model": spec.name, "wheel": spec.wheel, "wheel_sha256": spec.sha256,
             "gguf": spec.member, "window_start_token": spec.document_token}
+
+
+def converted_name(folder: str | os.PathLike) -> str | None:
+    """The name (`PRETRAINED` key) of a model folder converted by `local_folder`, else `None`."""
+    record = Path(str(folder)) / "conversion.json"
+    try:
+        name = json.loads(record.read_text()).get("model") if record.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return name if name in PRETRAINED else None
 
 
 def window_start_token(tokenizer: Any) -> int | None:

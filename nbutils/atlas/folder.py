@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from nbutils import _env, activations, cache
+from nbutils import _env, activations, cache, pretrained
 from nbutils._validation import fail
 from nbutils.cache import CacheError
 
@@ -71,7 +71,8 @@ def versions() -> dict[str, str]:
 
 def model_load_name(model: Any) -> str:
     """What `models.load_model` takes to load this model again: its hub name or folder (the offline default by
-    its name, so that an atlas stays usable when the project folder moves)."""
+    its name, so that an atlas stays usable when the project folder moves; a converted pretrained model by its
+    name, e.g. `"smollm2-135m"`)."""
     from nbutils import models
 
     inner = getattr(model, "original_model", None)
@@ -81,7 +82,7 @@ def model_load_name(model: Any) -> str:
             return models.DEFAULT_MODEL_NAME
     except OSError:
         pass
-    return str(path)
+    return pretrained.converted_name(path) or str(path)
 
 
 class Folder:

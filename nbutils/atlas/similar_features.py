@@ -34,7 +34,7 @@ def _nearest_other(u: np.ndarray, owner: np.ndarray, k: int, chunk_bytes: int = 
     kk = min(k, n)
     step = max(1, chunk_bytes // max(1, 4 * n))
     ut, own = torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32)), torch.from_numpy(np.asarray(owner))
-    for lo in tqdm(range(0, n, step), desc="nearest features", unit="block", disable=not progress, leave=False):
+    for lo in tqdm(range(0, n, step), desc="nearest features", unit="block", disable=not progress):
         block = ut[lo : lo + step] @ ut.T  # [chunk, n]
         block.masked_fill_(own[lo : lo + step, None] == own[None, :], float("-inf"))  # not itself, not its own neuron
         vals, part = (t.numpy() for t in torch.topk(block, kk, dim=1))  # [chunk, kk]

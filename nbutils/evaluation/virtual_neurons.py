@@ -4,6 +4,7 @@ clusters are scored against those labels."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -314,7 +315,7 @@ def score_virtual_neurons(
     neighbours: int = 5,
     chunk: int = 16,
     progress: bool = False,
-    kind: str | None = None,
+    kind: str | Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Cluster each virtual neuron's examples in three spaces (`real_model.SPACES`) and score them against the sources.
 
@@ -336,7 +337,8 @@ def score_virtual_neurons(
         chunk: virtual neurons whose vectors are read together (memory vs. passes over their windows).
         progress: tqdm bar over virtual neurons.
         kind: embedding kind of the `"embedding"` space (`embeddings.embedding_kind`; default the model's:
-            `"in"` plain, `"gate"` gated); the other spaces do not depend on it.
+            `"in"` plain, `"gate"` gated); the other spaces do not depend on it. A sequence of kinds scores each
+            from one read of h (one pass over the examples' windows for all of them).
 
     Returns:
         DataFrame, one row per (virtual neuron, space, method, threshold): `layer, virtual, n_sources,
@@ -354,12 +356,12 @@ def score_virtual_neurons(
 
     grid = _check_grid(grid if grid is not None else {m: [clustering.DEFAULT_THRESHOLDS[m]] for m in clustering.METHODS})
     pattern = check_int_range("pattern", pattern, 1, 10_000)
-    kind = embedding_kind(model, kind)
+    kinds = [embedding_kind(model, k) for k in ([kind] if kind is None or isinstance(kind, str) else kind)]
     _check_virtual_of(model, virtual)
     ex = examples[examples.layer.to_numpy() == virtual.layer]
     n_pos = windows.shape[1]
-    source_W = virtual.source_weights(kind)  # [d_in, n_rows] of the embedding kind
-    W_kind = virtual._sum(source_W)  # [d_in, n_virtual]
+    source_W = {k: virtual.source_weights(k) for k in kinds}  # [d_in, n_rows] of each embedding kind
+    W_kind = {k: virtual._sum(source_W[k]) for k in kinds}  # [d_in, n_virtual]
     offsets = np.arange(-pattern + 1, 1)  # [pattern]
     rows = []
     bar = tqdm(total=virtual.n_virtual, desc=f"layer {virtual.layer} virtual neurons", disable=not progress)
@@ -376,8 +378,9 @@ def score_virtual_neurons(
                 bar.update(1)
                 h_v = h[inverse[rows_v, -1]]  # [n, d_model] at the examples
                 acts = virtual_activations(model, virtual, h[inverse[rows_v]], v)  # [n, pattern]
-                rows += _score_virtual(model, virtual, v, h_v, np.where(pos[rows_v] >= 0, acts, 0.0), kind,
-                                       source_W, W_kind[:, v], grid, neighbours)
+                for k in kinds:
+                    rows += _score_virtual(model, virtual, v, h_v, np.where(pos[rows_v] >= 0, acts, 0.0), k,
+                                           source_W[k], W_kind[k][:, v], grid, neighbours)
     bar.close()
     return pd.DataFrame(rows)
 
