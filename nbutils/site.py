@@ -55,8 +55,8 @@ BAND_SHOWN = 3  # band examples shown per band (the atlas samples more; the down
 
 def _layer_tables(at: Any, layer: int) -> dict[str, pd.DataFrame]:
     """One layer's tables of the atlas, with the column names the site uses (`win` for the atlas's `window_id`)."""
-    rename = {"window_id": "win", "other_layer": "o_layer", "other_neuron": "o_neuron", "other_cluster": "o_cluster",
-              "other_size": "o_size"}
+    rename = {"window": "win", "window_id": "win", "other_layer": "o_layer", "other_neuron": "o_neuron",
+              "other_cluster": "o_cluster", "other_size": "o_size"}  # per-layer files say `window`, SQL `window_id`
     tables = {name: at.table(name, layer).rename(columns=rename)
               for name in ("neurons", "examples", "contexts", "features", "similar")}
     bands = at.path / "bands" / f"layer={layer:03d}.parquet"

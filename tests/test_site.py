@@ -240,7 +240,7 @@ def _check_neuron_page(driver, at: atlas.Atlas, layer: int, neuron: int) -> None
     feats = at.sql("SELECT * FROM features WHERE layer = ? AND neuron = ? ORDER BY size DESC, cluster", [layer, neuron])
     assert [f["cluster"] for f in page["features"]] == feats["cluster"].tolist()
     assert [f["label"] for f in page["features"]] == feats["label"].tolist()
-    contexts = at.neuron_contexts(layer, neuron).set_index(["window_id", "pos"])
+    contexts = at.neuron_contexts(layer, neuron).set_index(["window", "pos"])
     similar = at.similar_to(layer, neuron)
     vocab, windows = at.vocab, at.windows
     for shown, f in zip(page["features"], feats.itertuples(index=False)):
