@@ -280,6 +280,9 @@ def test_atlas_of_latents_has_the_tables_of_neurons(tmp_path, model, windows):
     similar = built.table("similar")
     assert len(similar) and similar["cross_act"].notna().all() and (similar["neuron"] != similar["other_neuron"]).all()
     assert "latents of blocks.1.ln2.hook_normalized" in built.info()
+    from nbutils import site
+
+    assert (site.export_site(built, tmp_path / "site", progress=False) / "index.html").exists()  # the static site
     from nbutils import explorer
 
     view = explorer.Explorer(built)  # reads the stored tables; the model-based views are refused, not answered for a neuron
