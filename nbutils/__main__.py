@@ -1,14 +1,17 @@
 """Command line: build, describe, query and export a feature atlas.
 
     python -m nbutils atlas build [--model M] [--source S] [--windows N] [--window W] [--k K] [--frac F]
-                                  [--layers 0,2] [--method M] [--threshold T] [--out DIR] [--quiet]
+                                  [--layers 0,2] [--method M] [--threshold T] [--out DIR] [--sae DIR] [--quiet]
     python -m nbutils atlas info DIR
     python -m nbutils atlas query DIR "SELECT layer, count(*) FROM features GROUP BY layer"
     python -m nbutils atlas export-site DIR OUT_DIR [--quiet]
 
 `build` writes to the same default folder that the notebooks open (`atlas.default_path`) unless `--out` is given;
-run again after an interruption, it resumes. `export-site` writes the atlas's static site (`site.export_site`): a
-folder to open from disk or put on any static host. A bad argument prints one line and exits with status 2.
+run again after an interruption, it resumes. With `--sae DIR` (a SAELens folder: `cfg.json` +
+`sae_weights.safetensors`) the atlas is of that dictionary's latents at its hook's layer instead of the MLP neurons;
+its default folder name ends in `-sae<weights hash>`. `export-site` writes the atlas's static site
+(`site.export_site`): a folder to open from disk or put on any static host. A bad argument prints one line and exits
+with status 2.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--method", default=None, help="clustering method (default: the measured default)")
     build.add_argument("--threshold", type=float, default=None, help="the method's threshold")
     build.add_argument("--out", default=None, help="atlas folder (default: the notebooks' folder in the cache)")
+    build.add_argument("--sae", default=None, help="a SAELens folder: build the atlas of its latents (default: neurons)")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     try:  # Ray options, when the scale-out module is there
         from nbutils import scale
@@ -72,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
 def _build(args: argparse.Namespace) -> None:
     from nbutils import _env, atlas, data, models
 
+    if getattr(args, "ray", False) and args.sae:
+        raise ValueError("`--sae` must be used without `--ray`; got both. An atlas of latents is built in one process.")
     if getattr(args, "ray", False):
         from nbutils import scale
 
@@ -81,11 +87,18 @@ def _build(args: argparse.Namespace) -> None:
         source = data._source(args.source)
         model = models.load_model(name)
         windows = data.corpus_windows(model, n_windows=args.windows, window=args.window, source=source)
+        sae = None
+        if args.sae:
+            from nbutils import dictionary
+
+            sae = dictionary.load_dictionary(args.sae)
         out = args.out or atlas.default_path(model_name=str(name), source=source, n_windows=args.windows,
                                              window=args.window, layers=args.layers, k=args.k, frac=args.frac,
                                              method=args.method, threshold=args.threshold)
+        if sae is not None and not args.out:
+            out = out.with_name(f"{out.name}-sae{sae.fingerprint()[:8]}")
         result = atlas.build_atlas(model, windows, k=args.k, frac=args.frac, layers=args.layers, method=args.method,
-                                   threshold=args.threshold, out=out, source=source, progress=not args.quiet)
+                                   threshold=args.threshold, out=out, source=source, progress=not args.quiet, sae=sae)
     print(result.info())
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -49,7 +49,8 @@ from nbutils import cache as _cache
 from nbutils._validation import check_float_range, check_index_array, check_int_range, fail
 from nbutils.models import check_layer, check_neuron, check_windows, hook_name
 
-__all__ = ["CollectSettings", "TopActivations", "collect_top_activations", "merge", "neuron_activations"]
+__all__ = ["CollectSettings", "TopActivations", "collect_top_activations", "collect_top_units", "merge",
+           "neuron_activations"]
 
 _NO_WINDOW = -1  # window id of an empty slot (fewer windows seen than k)
 _FORMAT = 1  # bump when the stored state changes meaning
@@ -93,6 +94,8 @@ class TopActivations:
         n_windows: how many windows were read.
         window_ranges: the window ids read, as half-open `(start, stop)` ranges.
         model_id, corpus_id: fingerprints of the model's weights and of the windows (`nbutils.cache`).
+        layers: the model layer of each row (default: row i is layer i); a dictionary's latents
+            (`nbutils.dictionary.collect_latent_top`) are one row at the layer of the hook they read.
 
     `frac` is applied when the tables are built: the tensors keep all top-k windows, so shards merge exactly.
     """
@@ -105,7 +108,19 @@ class TopActivations:
     window_ranges: tuple[tuple[int, int], ...]
     model_id: str = ""
     corpus_id: str = ""
+    layers: tuple[int, ...] | None = None
     _tables: dict = field(default_factory=dict, repr=False)
+
+    def row(self, layer: int) -> int:
+        """The row of the tensors that holds model layer `layer`."""
+        if self.layers is None:
+            return check_int_range("layer", layer, 0, self.n_layers - 1, what="for this model")
+        if layer not in self.layers:
+            fail("layer", f"be one of the collected layers {list(self.layers)}", layer)
+        return self.layers.index(layer)
+
+    def _layer_ids(self) -> np.ndarray:
+        return np.arange(self.n_layers) if self.layers is None else np.asarray(self.layers, dtype=np.int64)
 
     @property
     def k(self) -> int:
@@ -141,7 +156,7 @@ class TopActivations:
             layer, neuron, _ = torch.nonzero(keep, as_tuple=True)  # row-major: already in the sorted order
             self._tables["examples"] = pd.DataFrame(
                 {
-                    "layer": layer.numpy().astype(np.int64),
+                    "layer": self._layer_ids()[layer.numpy()].astype(np.int64),
                     "neuron": neuron.numpy().astype(np.int64),
                     "window": self.window[keep].numpy(),
                     "pos": self.pos[keep].numpy(),
@@ -158,7 +173,7 @@ class TopActivations:
             top = self.max_act
             self._tables["neurons"] = pd.DataFrame(
                 {
-                    "layer": np.repeat(np.arange(n_layers), d_mlp),
+                    "layer": np.repeat(self._layer_ids(), d_mlp),
                     "neuron": np.tile(np.arange(d_mlp), n_layers),
                     "max_act": top.reshape(-1).numpy(),
                     "n_examples": self._keep().sum(-1).reshape(-1).numpy().astype(np.int64),
@@ -175,11 +190,12 @@ class TopActivations:
 
     def neuron_examples(self, layer: int, neuron: int) -> pd.DataFrame:
         """The rows of `examples` of one neuron, highest activation first (empty for a dead neuron)."""
-        layer = check_int_range("layer", layer, 0, self.n_layers - 1, what="for this model")
+        row = self.row(layer)
         neuron = check_int_range("neuron", neuron, 0, self.d_mlp - 1, what="for this model (d_mlp)")
         table = self.examples
-        start, stop = np.searchsorted(table["layer"].to_numpy() * self.d_mlp + table["neuron"].to_numpy(),
-                                      [layer * self.d_mlp + neuron, layer * self.d_mlp + neuron + 1])
+        rows = np.searchsorted(self._layer_ids(), table["layer"].to_numpy())  # the row of each example
+        start, stop = np.searchsorted(rows * self.d_mlp + table["neuron"].to_numpy(),
+                                      [row * self.d_mlp + neuron, row * self.d_mlp + neuron + 1])
         return table.iloc[start:stop].reset_index(drop=True)
 
 
@@ -470,6 +486,59 @@ def collect_top_activations(
     return TopActivations(*result, settings=settings, n_windows=n_windows, window_ranges=ranges, **ids)
 
 
+def collect_top_units(
+    unit_acts: Callable[[int, int], Tensor],
+    windows: Int[Tensor, "n_windows window"],
+    n_units: int,
+    *,
+    k: int = 128,
+    frac: float = 0.75,
+    batch_size: int = 64,
+    progress: bool = True,
+    desc: str = "collecting top activations",
+    layer: int = 0,
+) -> TopActivations:
+    """The same streaming top-k as `collect_top_activations` over any units that a function computes from a
+    batch of windows (e.g. the latents of a sparse dictionary, `nbutils.dictionary`), in memory (no cache).
+
+    Args:
+        unit_acts: maps a range `start, stop` of windows to the units' activations there `[stop - start, window,
+            n_units]`.
+        windows: token windows `[n_windows, window]` (checked by the caller against its model).
+        n_units: number of units.
+        k, frac, batch_size, progress: as in `collect_top_activations`.
+        layer: the model layer the units belong to (the `layer` column of the tables).
+
+    Returns:
+        `TopActivations` with one row (`act [1, n_units, k]`, `layers=(layer,)`); its tables name the units `neuron`.
+    """
+    settings = CollectSettings(k=k, frac=frac, batch_size=batch_size)
+    n_units = check_int_range("n_units", n_units, 1, 2**31 - 1)
+    from tqdm.auto import tqdm
+
+    n_windows, n_pos = windows.shape
+    key, pos = _empty_state(n_units, settings.k, "cpu")
+    bar = tqdm(total=n_windows * n_pos, unit="tok", unit_scale=True, desc=desc, disable=not progress)
+    with torch.inference_mode():
+        for start in range(0, n_windows, settings.batch_size):
+            batch = windows[start : start + settings.batch_size]  # [batch, window]
+            acts = unit_acts(start, start + batch.shape[0]).float().cpu()  # [batch, window, n_units]
+            if acts.shape != (batch.shape[0], n_pos, n_units):
+                fail("unit_acts", f"return [batch, window, n_units] = {[batch.shape[0], n_pos, n_units]}",
+                     list(acts.shape))
+            top, where = acts.max(dim=1)  # [batch, n_units]
+            _check_finite(top.T, start)
+            ids = torch.arange(start, start + batch.shape[0])[:, None].expand_as(top)  # [batch, n_units]
+            candidates = (_order_key(top.T, ids.T), where.T.to(torch.int32))  # [n_units, batch] each
+            key, pos = _merge_topk((key, pos), candidates, settings.k)
+            bar.update(batch.numel())
+    bar.close()
+    act, window, position = _sorted_state(key, pos, 1)
+    return TopActivations(act, window, position, settings=settings, n_windows=n_windows,
+                          window_ranges=((0, n_windows),), corpus_id=_cache.tensor_fingerprint(windows),
+                          layers=(int(layer),))
+
+
 def _stream(
     forward: _Forward,
     windows: Int[Tensor, "n_windows window"],
@@ -558,7 +627,7 @@ def merge(a: TopActivations, b: TopActivations) -> TopActivations:
     for name in ("k", "frac", "hook"):
         if getattr(a.settings, name) != getattr(b.settings, name):
             fail(f"{name} of both shards", "be equal", f"{getattr(a.settings, name)!r} and {getattr(b.settings, name)!r}")
-    if a.model_id != b.model_id or a.act.shape[:2] != b.act.shape[:2]:
+    if a.model_id != b.model_id or a.act.shape[:2] != b.act.shape[:2] or a.layers != b.layers:
         fail("shards", "come from the same model", f"model fingerprints {a.model_id[:12]} and {b.model_id[:12]}")
     for lo, hi in a.window_ranges:
         for lo2, hi2 in b.window_ranges:
@@ -575,7 +644,7 @@ def merge(a: TopActivations, b: TopActivations) -> TopActivations:
     ranges = tuple(sorted(a.window_ranges + b.window_ranges))
     corpus_id = _cache.text_fingerprint(json.dumps(sorted([a.corpus_id, b.corpus_id])))
     return TopActivations(*state, settings=a.settings, n_windows=a.n_windows + b.n_windows,
-                          window_ranges=ranges, model_id=a.model_id, corpus_id=corpus_id)
+                          window_ranges=ranges, model_id=a.model_id, corpus_id=corpus_id, layers=a.layers)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -520,7 +520,8 @@ def polysemy_table(
         fold_ln: LayerNorm convention of the embeddings.
         batch_size: windows per forward pass.
         progress: show a tqdm bar over neurons.
-        examples: this layer's `layer_examples(...)`, if already read (skips the pass over the windows).
+        examples: this layer's `layer_examples(...)`, if already read (skips the pass over the windows); or a
+            dictionary's `dictionary.latent_examples(...)`, whose rows are then the latents.
 
     Returns:
         DataFrame, one row per neuron of the layer: `layer, neuron, n_examples, n_clusters, n_singletons,
@@ -539,7 +540,8 @@ def polysemy_table(
     lx = examples if examples is not None else layer_examples(model, windows, top, layer, fold_ln=fold_ln,
                                                               batch_size=batch_size)
     layer = lx.layer
-    h, W, inverse, bounds, d_mlp = lx.h, lx.W, lx.inverse, lx.bounds, model.cfg.d_mlp
+    h, W, inverse, bounds = lx.h, lx.W, lx.inverse, lx.bounds
+    d_mlp = len(bounds) - 1  # units of the layer: neurons, or a dictionary's latents (`nbutils.dictionary`)
     rows = []
     with threadpool_limits(1):  # tiny matrices: BLAS threads only add overhead
         for neuron in tqdm(range(d_mlp), desc=f"layer {layer} clusters", disable=not progress):

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from nbutils import atlas as _atlas
 from nbutils import clustering, embeddings, passes, viz
-from nbutils._validation import check_choice, check_int_range
+from nbutils._validation import check_choice, check_int_range, fail
 
 __all__ = [
     "MODES",
@@ -258,7 +258,13 @@ class Explorer:
 
     @property
     def model(self) -> Any:
-        """The atlas's model, loaded on first use."""
+        """The atlas's model, loaded on first use. An atlas of a dictionary's latents has none to offer here: live
+        re-clustering and token importance read MLP neurons, so they raise instead of answering for a neuron."""
+        sparse = getattr(self.atlas, "dictionary", None)
+        if sparse:
+            fail("atlas", "be an atlas of MLP neurons for live re-clustering and token importance",
+                 f"an atlas of the latents of {sparse['saelens_hook']}",
+                 "Its stored clusters, contexts and similar features are shown without the model.")
         return self.atlas.load_model()
 
     # ------------------------------------------------------------------------------- static views

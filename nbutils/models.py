@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +32,9 @@ __all__ = [
     "TrainConfig",
     "load_model",
     "hook_name",
+    "HOOK_KINDS",
+    "saelens_hook",
+    "hook_width",
     "is_gated",
     "mlp_norm",
     "mlp_norm_name",
@@ -104,17 +108,25 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | None = No
 # Hook names and model checks: the one place that names hooks
 
 
-def hook_name(layer: int, kind: str, model: Any = None) -> str:
-    """The bridge's hook for one MLP quantity of `layer`.
+HOOK_KINDS = ("mlp_in", "ln_normalized", "pre", "pre_linear", "post", "resid_pre", "resid_mid", "resid_post",
+              "attn_out", "mlp_out")
 
-    kinds: `"mlp_in"` (the MLP's own input, the vector its input projections multiply, i.e. the raw norm
+
+def hook_name(layer: int, kind: str, model: Any = None) -> str:
+    """The bridge's hook for one quantity of block `layer` (`HOOK_KINDS`).
+
+    MLP kinds: `"mlp_in"` (the MLP's own input, the vector its input projections multiply, i.e. the raw norm
     output) `[batch, pos, d_model]`, `"ln_normalized"` (the output of the norm feeding the MLP before its scale
     and bias) `[batch, pos, d_model]`, `"pre"` (pre-activation; the gate's for a gated MLP) `[batch, pos, d_mlp]`,
     `"pre_linear"` (a gated MLP's up projection `W_up h + b_up`) `[batch, pos, d_mlp]`, `"post"` (the neuron's
     activation, what the down projection reads: `act(gate) * up` for a gated MLP) `[batch, pos, d_mlp]`.
+    Residual-stream kinds, each `[batch, pos, d_model]`: `"resid_pre"` (the block's input), `"resid_mid"` (the
+    input of the norm feeding the MLP: after attention in a sequential block), `"resid_post"` (the block's
+    output), `"attn_out"`, `"mlp_out"` (what attention and the MLP add to the stream).
 
-    Pass `model` for `"ln_normalized"` on a parallel block with one shared norm (GPT-J: `ln1`, no `ln2`).
-    Some families flatten hooks inside their MLP to `[batch * pos, d]` (OPT's norm); `embeddings` reshapes.
+    Pass `model` for `"ln_normalized"` and `"resid_mid"` on a parallel block with one shared norm (GPT-J: `ln1`,
+    no `ln2`). Some families flatten hooks inside their MLP to `[batch * pos, d]` (OPT's norm); `embeddings`
+    reshapes.
     """
     norm = mlp_norm_name(model, layer) if model is not None else "ln2"
     names = {
@@ -123,8 +135,61 @@ def hook_name(layer: int, kind: str, model: Any = None) -> str:
         "pre": f"blocks.{layer}.mlp.hook_pre",
         "pre_linear": f"blocks.{layer}.mlp.hook_pre_linear",
         "post": f"blocks.{layer}.mlp.hook_post",
+        "resid_pre": f"blocks.{layer}.hook_in",
+        "resid_mid": f"blocks.{layer}.{norm}.hook_in",
+        "resid_post": f"blocks.{layer}.hook_out",
+        "attn_out": f"blocks.{layer}.attn.hook_out",
+        "mlp_out": f"blocks.{layer}.mlp.hook_out",
     }
     return names[kind]
+
+
+# SAELens names its hooks as TransformerLens' HookedTransformer does (`blocks.{layer}.<suffix>`). Its
+# `hook_mlp_in` is the MLP branch's input before the norm (the bridge fires its own `hook_mlp_in` only when
+# `use_hook_mlp_in` is set, so the always-firing `resid_mid` is read instead). `ln2.hook_normalized` is the
+# normalised vector before the norm's scale and bias, as in a HookedTransformer loaded with `fold_ln` (the default
+# SAEs are trained on). `attn.hook_z` (per head) is not supported.
+_SAELENS_SUFFIX = {
+    "hook_resid_pre": "resid_pre",
+    "hook_resid_mid": "resid_mid",
+    "hook_mlp_in": "resid_mid",
+    "hook_resid_post": "resid_post",
+    "hook_attn_out": "attn_out",
+    "hook_mlp_out": "mlp_out",
+    "ln2.hook_normalized": "ln_normalized",
+    "mlp.hook_in": "mlp_in",
+    "mlp.hook_pre": "pre",
+    "mlp.hook_pre_linear": "pre_linear",
+    "mlp.hook_post": "post",
+}
+
+
+def saelens_hook(model: Any, name: Any, *, field: str = "metadata.hook_name") -> tuple[int, str]:
+    """Map a SAELens hook name (`blocks.3.hook_resid_pre`, `blocks.3.ln2.hook_normalized`, ...) to this model's
+    `(layer, kind)`; `hook_name(layer, kind, model)` is then the bridge's hook.
+
+    Raises:
+        ValueError: naming `field`, for a name that is not `blocks.{layer}.<suffix>` with a known suffix, a
+            layer the model does not have, or a kind the model has no hook for.
+    """
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name) if isinstance(name, str) else None
+    if match is None or match.group(2) not in _SAELENS_SUFFIX:
+        fail(field, "be a hook `blocks.{layer}.<suffix>` with suffix one of "
+             + ", ".join(repr(s) for s in _SAELENS_SUFFIX), repr(name),
+             "Attention hooks per head (`attn.hook_z`) are not supported.")
+    layer, kind = int(match.group(1)), _SAELENS_SUFFIX[match.group(2)]
+    if layer >= model.cfg.n_layers:
+        fail(field, f"name a layer in 0..{model.cfg.n_layers - 1} (this model)", repr(name),
+             "Load the model the dictionary was trained on.")
+    if hook_name(layer, kind, model) not in model.hook_dict:
+        fail(field, "name a hook this model has", f"{name!r} (the bridge's {hook_name(layer, kind, model)!r})",
+             "Load the model the dictionary was trained on.")
+    return layer, kind
+
+
+def hook_width(model: Any, kind: str) -> int:
+    """Last dimension of a hook kind: `d_mlp` for `"pre"`, `"pre_linear"`, `"post"`, else `d_model`."""
+    return int(model.cfg.d_mlp) if kind in ("pre", "pre_linear", "post") else int(model.cfg.d_model)
 
 
 def is_gated(model: Any) -> bool:

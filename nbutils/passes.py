@@ -37,8 +37,9 @@ def read_layers(
     """Run `windows` through `model` in batches of `batch_size` rows, up to the MLP of the deepest of `layers`.
 
     Args:
-        layers: MLP layers to read; kinds: hooks of each (`models.hook_name`: `"mlp_in"`, `"ln_normalized"`,
-            `"pre"`, `"pre_linear"`, `"post"`).
+        layers: MLP layers to read; kinds: hooks of each (`models.HOOK_KINDS`: `"mlp_in"`, `"ln_normalized"`,
+            `"pre"`, `"pre_linear"`, `"post"`, or a residual-stream hook such as `"resid_pre"` that a sparse
+            dictionary reads).
         on_layer: called as `on_layer(layer, read, lo, hi)` once per batch and layer, when that layer's hooks have
             fired; `read[kind]` is `[hi - lo, window, d]` on the model's device (valid during the call only).
         progress: a tqdm bar over the tokens, titled `desc`.

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from nbutils import activations, cache, clustering, embeddings, importance, models, similar, viz
+from nbutils import activations, cache, clustering, dictionary, embeddings, importance, models, sae, similar, viz
 
 FLOAT = r"must hold integers; got 0\.5 \(floats are never rounded\)"
 
@@ -134,7 +134,24 @@ CASES: list[tuple[Callable, Callable[[Any], dict], type[Exception], str]] = [
      TypeError, r"`top` must be a TopActivations"),
     (viz.layout_2d, lambda c: {"e": np.eye(3), "min_dist": -1.0}, ValueError,
      r"`min_dist` must be in \[0\.0, 100\.0\]"),
+    # sparse dictionaries (SAELens folders; more in tests/test_dictionary.py)
+    (dictionary.latent_embeddings, lambda c: _latents(c, window_ids=[0.5, 1]), TypeError, rf"`window_ids` {FLOAT}"),
+    (dictionary.latent_embeddings, lambda c: _latents(c, latent=16), ValueError,
+     r"`latent` must be in 0\.\.15 for this dictionary \(d_sae 16\); got 16"),
+    (dictionary.latent_embeddings, lambda c: _latents(c, positions=[1]), ValueError,
+     r"`positions` must have one entry per window id \(2\); got 1"),
+    (dictionary.collect_latent_top, lambda c: {"model": c.model, "windows": c.windows, "dictionary": c.dictionary,
+                                               "inputs": torch.zeros(2, 3, 128)}, ValueError,
+     r"`inputs` must be the hook's vectors of every token of `windows`"),
+    (dictionary.attach, lambda c: {"model": c.model, "dictionary": c.file}, TypeError,
+     r"`dictionary` must be an nbutils\.dictionary\.Dictionary"),
+    (dictionary.load_dictionary, lambda c: {"path": c.file}, FileNotFoundError, r"`path` must be a SAELens folder"),
 ]
+
+
+def _latents(c: Any, **override: Any) -> dict:
+    return {"model": c.model, "windows": c.windows, "dictionary": c.dictionary, "latent": 3, "window_ids": [0, 1],
+            "positions": [2, 3], **override}
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +160,8 @@ def c(model, windows, tmp_path_factory) -> SimpleNamespace:
     live = int(top.neurons.query("layer == 1 and n_examples >= 2")["neuron"].iloc[0])
     file = tmp_path_factory.mktemp("bad_inputs") / "a_file"
     file.write_text("not a folder")
-    return SimpleNamespace(model=model, windows=windows, top=top, live_neuron=live, file=file)
+    sparse = dictionary.from_sae(sae.SAE(model.cfg.d_model, 16), "blocks.1.ln2.hook_normalized")
+    return SimpleNamespace(model=model, windows=windows, top=top, live_neuron=live, file=file, dictionary=sparse)
 
 
 def _case_id(case: tuple) -> str:

@@ -45,8 +45,12 @@ table is the view `similar_features` and the `window` column is `window_id` (bot
 
 **Modules.** `settings` (what the content depends on), `layers` (the per-layer `clusters` and `features` steps),
 `similar_features` (the `similar` step), `folder` (files, key stamps, manifest), `build` (the steps in order,
-`default_path`, `load_or_build`), `reader` (`Atlas`, SQL), `labels` (token text and labels). Every pass after the
-collection goes through `passes.read_layers`.
+`default_path`, `load_or_build`), `reader` (`Atlas`, SQL), `labels` (token text and labels), `units` (what is read
+for the units: MLP neurons, or a sparse dictionary's latents). Every forward pass goes through `passes.read_layers`.
+
+**Latents.** `build_atlas(model, windows, sae=folder)` builds the same tables for the latents of a sparse dictionary
+(a SAELens folder, `nbutils.dictionary`) at its hook's layer: `neuron` is the latent, its embedding
+`u ⊙ W_enc[:, j]`; the manifest records the dictionary's config and weight hash (part of the key).
 
 Columns (in addition to those of `activations`):
 
@@ -70,6 +74,7 @@ from nbutils.atlas.layers import ClusteredLayer, cluster_layer, features_table, 
 from nbutils.atlas.reader import SQL_COLUMNS, SQL_VIEWS, Atlas
 from nbutils.atlas.settings import CROSS_MEMBERS, FORMAT, LABEL_TOKENS, TABLES, TEXT_CONTEXT, AtlasSettings, LayerTables
 from nbutils.atlas.similar_features import EXAMPLE_COLUMNS, similar_table
+from nbutils.atlas.units import NEURONS, Units
 
 __all__ = [
     "FORMAT",
@@ -82,6 +87,8 @@ __all__ = [
     "SQL_COLUMNS",
     "AtlasSettings",
     "LayerTables",
+    "Units",
+    "NEURONS",
     "ClusteredLayer",
     "Atlas",
     "build_atlas",

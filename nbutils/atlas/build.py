@@ -25,8 +25,9 @@ from nbutils.atlas.layers import features_table, layers_tables
 from nbutils.atlas.reader import Atlas
 from nbutils.atlas.settings import FORMAT, AtlasSettings, LayerTables
 from nbutils.atlas.similar_features import EXAMPLE_COLUMNS, similar_table
+from nbutils.atlas.units import NEURONS, Units
 from nbutils.cache import CacheError
-from nbutils.models import check_windows
+from nbutils.models import check_windows, hook_name
 
 __all__ = ["default_path", "build_atlas", "load_or_build"]
 
@@ -64,6 +65,7 @@ def build_atlas(
     top: Any = None,
     map_layers: MapLayers | None = None,
     workers: int | None = None,
+    sae: Any = None,
     **options: Any,
 ) -> "Atlas":
     """Build (or resume, or just open) the feature atlas of `model` over `windows`.
@@ -84,6 +86,10 @@ def build_atlas(
             `map_layers(layers, settings)` yields a `LayerTables` per layer, in any order. Default: in process.
         workers: processes that cluster a layer (`layers.cluster_layer`; default: one per core for large layers).
             The atlas does not depend on it.
+        sae: a sparse dictionary (a SAELens folder, or a `dictionary.Dictionary`): the atlas is then of its
+            latents instead of the MLP neurons, with the same tables (`neuron` is the latent, `layer` the block of
+            the hook it reads; `layers` must be None or that block). The manifest records its config and weight
+            hash, which are part of the key. Built in this process (no `top`, no `map_layers`).
         **options: other `AtlasSettings` fields (`fold_ln`, `min_size`, `n_similar`, `shown`, `before`, `after`,
             `batch_size`).
 
@@ -99,20 +105,24 @@ def build_atlas(
     """
     from tqdm.auto import tqdm
 
+    units, sparse = _dictionary_units(model, sae, layers, top, map_layers)
+    if sparse is not None:
+        layers = [sparse["layer"]]
     settings, windows, layer_list, out_path = _check_build_args(model, windows, k, frac, layers, method, threshold,
                                                                 out, cache_dir, options)
     if top is not None:
         _check_top_arg(model, windows, top, settings)
-    folder = _open_folder(model, windows, settings, layer_list, out_path, cache_dir, source)
+    folder = _open_folder(model, windows, settings, layer_list, out_path, cache_dir, source, sparse)
     bar = tqdm(total=len(step_names(layer_list)), desc="atlas steps", unit="step", disable=not progress)
     try:
-        top = _collect_step(folder, model, windows, settings, top, cache_dir, progress)
+        top = _collect_step(folder, model, windows, settings, top, cache_dir, progress, units)
         bar.update(1)
         runner = map_layers if map_layers is not None else (
-            lambda ls, st: layers_tables(model, windows, top, ls, st, progress=progress, workers=workers))
+            lambda ls, st: layers_tables(model, windows, top, ls, st, progress=progress, workers=workers,
+                                         units=units))
         _clusters_steps(folder, layer_list, settings, runner, bar)
         _features_steps(folder, layer_list, settings, bar)
-        _similar_step(folder, model, windows, top, layer_list, settings, progress)
+        _similar_step(folder, model, windows, top, layer_list, settings, progress, units)
         bar.update(1)
     finally:
         bar.close()
@@ -143,15 +153,45 @@ def _check_build_args(model: Any, windows: Tensor, k: int, frac: float, layers: 
     return settings, windows, layer_list, out_path
 
 
+def _dictionary_units(model: Any, sae: Any, layers: Any, top: Any, map_layers: Any) -> tuple[Units, dict | None]:
+    """The units of an atlas (`build_atlas`'s `sae`) and, for a dictionary, what the manifest records of it."""
+    if sae is None:
+        return NEURONS, None
+    from nbutils import dictionary
+
+    d = sae if isinstance(sae, dictionary.Dictionary) else dictionary.load_dictionary(sae)
+    layer, kind = dictionary.attach(model, d)
+    if layers is not None and (isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__")
+                               or list(layers) != [layer]):
+        fail("layers", f"be None or [{layer}] with `sae` (the block of its hook {d.hook_name!r})", repr(layers))
+    if top is not None or map_layers is not None:
+        fail("sae", "be used without `top` and `map_layers`", "both an sae and one of them",
+             "The latents are collected and clustered in this process.")
+    return Units(d), {"layer": layer, "hook": hook_name(layer, kind, model), "saelens_hook": d.hook_name,
+                      "architecture": d.architecture, "d_sae": d.d_sae, "d_in": d.d_in,
+                      "path": "" if isinstance(sae, dictionary.Dictionary) else str(Path(sae).expanduser().resolve()),
+                      "weights_hash": d.fingerprint(), "cfg": json.loads(json.dumps(d.cfg, default=str))}
+
+
+def _max_act_by_layer(top: activations.TopActivations) -> np.ndarray:
+    """Each unit's max activation `[n_layers, n_units]` indexed by model layer (rows of layers not collected: 0)."""
+    if top.layers is None:
+        return top.max_act.numpy()
+    out = np.zeros((max(top.layers) + 1, top.d_mlp), dtype=np.float32)
+    out[list(top.layers)] = top.max_act.numpy()
+    return out
+
+
 def _open_folder(model: Any, windows: Tensor, settings: AtlasSettings, layer_list: list[int], out_path: Path | None,
-                 cache_dir: Any, source: str | None) -> Folder:
+                 cache_dir: Any, source: str | None, sparse: dict | None = None) -> Folder:
     """The atlas folder of this key: resumed when it holds this atlas, new when empty; else `CacheError`."""
     from nbutils import data
 
     source = data._source(source)
     model_id, corpus_id = cache.model_fingerprint(model), cache.tensor_fingerprint(windows)
     key = {"format": FORMAT, "model_id": model_id, "corpus_id": corpus_id, "layers": layer_list,
-           "settings": asdict(settings)}
+           "settings": asdict(settings),
+           **({"dictionary": {"weights_hash": sparse["weights_hash"], "cfg": sparse["cfg"]}} if sparse else {})}
     key = json.loads(json.dumps(key, sort_keys=True))
     key_hash = cache.text_fingerprint(json.dumps(key, sort_keys=True))
     path = out_path if out_path is not None else _env.cache_dir(cache_dir) / "atlas" / key_hash[:20]
@@ -167,6 +207,7 @@ def _open_folder(model: Any, windows: Tensor, settings: AtlasSettings, layer_lis
             "corpus": {"source": source, "n_windows": int(windows.shape[0]), "window": int(windows.shape[1]),
                        "fingerprint": corpus_id},
             "settings": asdict(settings), "versions": versions(), "steps": {}, "status": "running",
+            "units": "latents" if sparse else "neurons", **({"dictionary": sparse} if sparse else {}),
         }
     elif manifest["key_hash"] != key_hash:
         raise CacheError(f"Folder {path} holds an atlas of another model, corpus or settings (key "
@@ -178,12 +219,18 @@ def _open_folder(model: Any, windows: Tensor, settings: AtlasSettings, layer_lis
 
 
 def _collect_step(folder: Folder, model: Any, windows: Tensor, settings: AtlasSettings, top: Any, cache_dir: Any,
-                  progress: bool) -> activations.TopActivations:
-    """`collect`: the top-k collection (or the given `top`) with the windows and the vocabulary."""
+                  progress: bool, units: Units = NEURONS) -> activations.TopActivations:
+    """`collect`: the top-k collection (or the given `top`; a dictionary's latents for an atlas of latents) with the
+    windows and the vocabulary."""
     if folder.done("collect"):
         return top if top is not None else read_top(folder)
     started = time.perf_counter()
-    if top is None:
+    if units.dictionary is not None:
+        from nbutils.dictionary import collect_latent_top
+
+        top = collect_latent_top(model, windows, units.dictionary, k=settings.k, frac=settings.frac,
+                                 batch_size=settings.batch_size, progress=progress)
+    elif top is None:
         top = activations.collect_top_activations(model, windows, k=settings.k, frac=settings.frac,
                                                   batch_size=settings.batch_size, cache_dir=cache_dir,
                                                   progress=progress)
@@ -231,7 +278,7 @@ def _features_steps(folder: Folder, layer_list: list[int], settings: AtlasSettin
 
 
 def _similar_step(folder: Folder, model: Any, windows: Tensor, top: activations.TopActivations,
-                  layer_list: list[int], settings: AtlasSettings, progress: bool) -> None:
+                  layer_list: list[int], settings: AtlasSettings, progress: bool, units: Units = NEURONS) -> None:
     """`similar`: nearest features of other neurons over all layers (`similar_table`)."""
     if folder.done("similar"):
         return
@@ -240,7 +287,7 @@ def _similar_step(folder: Folder, model: Any, windows: Tensor, top: activations.
                       ignore_index=True)
     table = similar_table(model, windows, feats, lambda l: pd.read_parquet(folder.file(layer_file("vectors", l))),
                           lambda l: pd.read_parquet(folder.file(layer_file("examples", l)), columns=EXAMPLE_COLUMNS),
-                          top.max_act.numpy(), settings, int(windows.shape[1]), progress=progress)
+                          _max_act_by_layer(top), settings, int(windows.shape[1]), progress=progress, units=units)
     folder.finish("similar", {"similar.parquet": table}, time.perf_counter() - started)
 
 def _check_top_arg(model: Any, windows: Tensor, top: Any, settings: AtlasSettings) -> None:

@@ -158,9 +158,13 @@ def read_top(folder: Folder) -> activations.TopActivations:
     m = folder.manifest
     table = pd.read_parquet(folder.file("top.parquet"))
     n_layers, d_mlp, k = m["model"]["n_layers"], m["model"]["d_mlp"], m["settings"]["k"]
+    sparse = m.get("dictionary")
+    if sparse:  # one row: the dictionary's latents at its hook's layer
+        n_layers, d_mlp = 1, sparse["d_sae"]
     act, window, pos = activations._state_from_table(table, n_layers, d_mlp, k)
     settings = activations.CollectSettings(k=k, frac=m["settings"]["frac"], batch_size=m["settings"]["batch_size"])
     n = m["corpus"]["n_windows"]
     return activations.TopActivations(act, window, pos, settings=settings, n_windows=n, window_ranges=((0, n),),
-                                      model_id=m["model"]["fingerprint"], corpus_id=m["corpus"]["fingerprint"])
+                                      model_id=m["model"]["fingerprint"], corpus_id=m["corpus"]["fingerprint"],
+                                      layers=(sparse["layer"],) if sparse else None)
 

@@ -19,10 +19,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from nbutils import clustering, embeddings, viz
+from nbutils import clustering, viz
 from nbutils._validation import check_int_range
 from nbutils.atlas.labels import token_labels, vocab_of
 from nbutils.atlas.settings import TEXT_CONTEXT, AtlasSettings, LayerTables
+from nbutils.atlas.units import NEURONS, Units
 from nbutils.passes import read_layers
 
 __all__ = ["layer_tables", "layers_tables", "features_table", "cluster_layer", "ClusteredLayer",
@@ -66,7 +67,7 @@ class _RowsFile:
         return rows
 
 
-def _new_gather(model: Any, windows: Tensor, top: Any, layer: int, settings: AtlasSettings,
+def _new_gather(model: Any, windows: Tensor, top: Any, layer: int, settings: AtlasSettings, units: Units,
                 spill: Path | None = None) -> _Gather:
     """An empty `_Gather` of one layer; h goes to a file in the folder `spill` when given."""
     n_pos = windows.shape[1]
@@ -74,13 +75,13 @@ def _new_gather(model: Any, windows: Tensor, top: Any, layer: int, settings: Atl
     ex = clustering._layer_examples(top, windows, layer).reset_index(drop=True)
     keys, inverse = np.unique(ex["window"].to_numpy(np.int64) * n_pos + ex["pos"].to_numpy(np.int64),
                               return_inverse=True)
-    shape = (len(keys), model.cfg.d_model)
+    shape = (len(keys), units.d_in(model))
     h = _RowsFile(spill / f"h-{layer}.f32", *shape) if spill is not None else np.zeros(shape, dtype=np.float32)
     g = _Gather(ex, keys, inverse.reshape(-1), h, np.full((len(ex), width), np.nan, dtype=np.float32))
     if settings.bands:
         from nbutils import bands as _bands
 
-        shape = (model.cfg.d_mlp, settings.bands, settings.per_band)
+        shape = (units.count(model), settings.bands, settings.per_band)
         g.band = _bands._empty(shape)
         g.band_context = torch.full((*shape, width), float("nan"))
     return g
@@ -106,18 +107,21 @@ def _read_batch(g: _Gather, H: Tensor, P: Tensor, lo: int, hi: int, max_act: Ten
 
 
 def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], settings: AtlasSettings,
-                 progress: bool = False, spill: dict[int, Path] | None = None) -> dict[int, _Gather]:
+                 progress: bool = False, spill: dict[int, Path] | None = None, units: Units = NEURONS
+                 ) -> dict[int, _Gather]:
     """One pass over all the windows in fixed batches of `batch_size` (`passes.read_layers`), reading h and the
-    neuron activations of every layer in `layers` at that layer's examples; h of a layer in `spill` goes to a file
-    in the folder given there."""
+    activations of the units (`Units`) of every layer in `layers` at that layer's examples; h of a layer in
+    `spill` goes to a file in the folder given there."""
     spill = spill or {}
-    out = {layer: _new_gather(model, windows, top, layer, settings, spill.get(layer)) for layer in layers}
-    kind = "ln_normalized" if settings.fold_ln else "mlp_in"
+    out = {layer: _new_gather(model, windows, top, layer, settings, units, spill.get(layer)) for layer in layers}
+    h_kind, act_kind = units.kinds(model, settings.fold_ln)
 
     def on_layer(layer: int, read: dict[str, Tensor], lo: int, hi: int) -> None:
-        _read_batch(out[layer], read[kind], read["post"], lo, hi, top.max_act[layer].float(), settings)
+        _read_batch(out[layer], units.h(read[h_kind]), units.act(read[act_kind]), lo, hi,
+                    top.max_act[top.row(layer)].float(), settings)
 
-    read_layers(model, windows, layers, (kind, "post"), on_layer, batch_size=settings.batch_size, progress=progress,
+    read_layers(model, windows, layers, tuple(dict.fromkeys((h_kind, act_kind))), on_layer,
+                batch_size=settings.batch_size, progress=progress,
                 desc=f"reading h of layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}")
     return out
 
@@ -172,7 +176,7 @@ def _layer_bytes(top: Any, layer: int, d_model: int, settings: AtlasSettings, n_
     """Memory the pass holds for one layer: h of its distinct examples (float32; at most one per token of the
     corpus), and the rest: the context activations and keys of every example and the band sample with its
     contexts."""
-    n = int(top._keep()[layer].sum())
+    n = int(top._keep()[top.row(layer)].sum())
     width = settings.before + settings.after + 1
     band = top.act.shape[1] * settings.bands * settings.per_band * (width + 4) * 4
     return min(n, n_tokens) * 4 * d_model, n * (4 * width + 64) + band
@@ -184,14 +188,15 @@ def _layer_bytes(top: Any, layer: int, d_model: int, settings: AtlasSettings, n_
 
 def layers_tables(model: Any, windows: Tensor, top: Any, layers: list[int], settings: AtlasSettings, *,
                   memory_budget: int = 3 << 29, progress: bool = False, spill_dir: str | os.PathLike | None = None,
-                  workers: int | None = None) -> Iterator[LayerTables]:
+                  workers: int | None = None, units: Units = NEURONS) -> Iterator[LayerTables]:
     """The `clusters` step of several layers, in process: one pass over the windows reads every layer (up to the
     deepest), then each layer is clustered in turn. The pre-MLP vectors of the first layers stay in memory while
     they fit in `memory_budget` bytes (default 1.5 GiB); those of the others go to files in `spill_dir` (default:
     a temporary folder), each read back when its layer is clustered. So the pass runs every block once however
     many layers there are, and memory holds the budget plus one layer. `workers`: processes clustering each layer
-    (`cluster_layer`). The tables equal `layer_tables` of each layer alone."""
-    need = [_layer_bytes(top, layer, model.cfg.d_model, settings, int(windows.numel())) for layer in layers]
+    (`cluster_layer`); `units`: neurons, or a dictionary's latents (`Units`). The tables equal `layer_tables` of
+    each layer alone."""
+    need = [_layer_bytes(top, layer, units.d_in(model), settings, int(windows.numel())) for layer in layers]
     used = sum(rest for _, rest in need)  # held for every layer during the pass
     spilled = []
     for layer, (h_bytes, _) in zip(layers, need):
@@ -201,39 +206,39 @@ def layers_tables(model: Any, windows: Tensor, top: Any, layers: list[int], sett
             used += h_bytes
     with tempfile.TemporaryDirectory(prefix="atlas-h-", dir=spill_dir) as folder:
         gathered = _layers_pass(model, windows, top, layers, settings, progress=progress,
-                                spill={layer: Path(folder) for layer in spilled})
+                                spill={layer: Path(folder) for layer in spilled}, units=units)
         for layer in layers:
-            yield _layer_step(model, windows, top, layer, gathered.pop(layer), settings, workers=workers)
+            yield _layer_step(model, windows, top, layer, gathered.pop(layer), settings, units, workers=workers)
 
 
-def layer_tables(model: Any, windows: Tensor, top: Any, layer: int, settings: AtlasSettings) -> LayerTables:
+def layer_tables(model: Any, windows: Tensor, top: Any, layer: int, settings: AtlasSettings, *,
+                 units: Units = NEURONS) -> LayerTables:
     """The `clusters` step of one layer: every neuron's examples clustered, its polysemy, maps, context
     activations of the shown examples and the central embedding of each feature.
 
     One batched pass over the windows reads h of all the layer's examples and their context activations
     (`_layers_pass`). Deterministic: the same inputs give the same tables, in any process.
     """
-    return _layer_step(model, windows, top, layer, _layers_pass(model, windows, top, [layer], settings)[layer],
-                       settings)
+    return _layer_step(model, windows, top, layer,
+                       _layers_pass(model, windows, top, [layer], settings, units=units)[layer], settings, units)
 
 
-def _layer_step(model: Any, windows: Tensor, top: Any, layer: int, g: _Gather, settings: AtlasSettings, *,
-                workers: int | None = None) -> LayerTables:
+def _layer_step(model: Any, windows: Tensor, top: Any, layer: int, g: _Gather, settings: AtlasSettings,
+                units: Units = NEURONS, *, workers: int | None = None) -> LayerTables:
     """Embed and cluster one layer's gathered examples, then write its tables."""
-    W, b = embeddings.mlp_in_weights(model, layer, fold_ln=settings.fold_ln)
-    bounds = np.searchsorted(g.examples["neuron"].to_numpy(), np.arange(model.cfg.d_mlp + 1))
+    W, b = units.weights(model, layer, settings.fold_ln)
+    bounds = np.searchsorted(g.examples["neuron"].to_numpy(), np.arange(units.count(model) + 1))
     h = g.h.load() if isinstance(g.h, _RowsFile) else g.h
     lx = clustering.LayerExamples(layer=layer, examples=g.examples, keys=g.keys, h=h, inverse=g.inverse,
-                                  bounds=bounds, W=W.numpy().astype(np.float64), b=b.numpy().astype(np.float64),
-                                  n_pos=int(windows.shape[1]))
+                                  bounds=bounds, W=W, b=b, n_pos=int(windows.shape[1]))
     done = cluster_layer(lx, settings, workers=workers)
     vocab = vocab_of(model)
     examples = _examples_table(model, windows, lx.examples, done, vocab)
     return LayerTables(
         layer=layer, examples=examples,
-        neurons=_neurons_table(layer, top.max_act[layer].numpy().astype(np.float32), done.stats, examples),
+        neurons=_neurons_table(layer, top.max_act[top.row(layer)].numpy().astype(np.float32), done.stats, examples),
         contexts=_contexts_table(examples, g.context, settings),
-        vectors=_vectors_table(done, model.cfg.d_model),
+        vectors=_vectors_table(done, units.d_in(model)),
         bands=_band_table(g, layer, vocab, windows, settings) if settings.bands else None)
 
 

@@ -37,8 +37,9 @@ class Atlas:
 
     Attributes:
         path: the folder; manifest: its `manifest.json`; settings: the `AtlasSettings`;
-        n_layers, d_mlp, d_model: the model's sizes; layers: the clustered layers;
-        loaded_from_cache: True when `load_or_build` found it finished.
+        n_layers, d_mlp, d_model: the model's sizes (`d_mlp`: the dictionary's `d_sae` in an atlas of latents);
+        layers: the clustered layers; dictionary: what the manifest records of the dictionary whose latents the
+        atlas holds (None for neurons); loaded_from_cache: True when `load_or_build` found it finished.
     """
 
     def __init__(self, path: Path, manifest: dict) -> None:
@@ -48,6 +49,9 @@ class Atlas:
         m = manifest["model"]
         self.n_layers, self.d_mlp, self.d_model = int(m["n_layers"]), int(m["d_mlp"]), int(m["d_model"])
         self.layers: list[int] = list(manifest["layers"])
+        self.dictionary: dict | None = manifest.get("dictionary")
+        if self.dictionary:
+            self.d_mlp = int(self.dictionary["d_sae"])  # the units of its one layer are the latents
         self.loaded_from_cache = False
         self._con: Any = None
         self._windows: Tensor | None = None
@@ -308,6 +312,9 @@ class Atlas:
             f"settings  k={s.k} frac={s.frac} method={s.method} threshold={s.threshold} fold_ln={s.fold_ln} "
             f"min_size={s.min_size}",
             f"layers    {self.layers}",
+            *([f"units     latents of {self.dictionary['saelens_hook']} ({self.dictionary['architecture']}, "
+               f"d_sae {self.dictionary['d_sae']}; weights sha256 {self.dictionary['weights_hash'][:12]})"]
+              if self.dictionary else []),
             f"tables    {counts['neurons']:,} neurons, {counts['examples']:,} examples, {counts['features']:,} "
             f"features, {counts['similar']:,} similar pairs",
             f"size      {size / 1e6:.1f} MB on disk; steps took {seconds:.1f} s",

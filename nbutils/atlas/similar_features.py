@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from nbutils.atlas.settings import CROSS_MEMBERS, AtlasSettings
+from nbutils.atlas.units import NEURONS, Units
 from nbutils.cache import CacheError
 from nbutils.passes import read_layers
 
@@ -47,9 +48,10 @@ def _nearest_other(u: np.ndarray, owner: np.ndarray, k: int, chunk_bytes: int = 
 
 
 def _cross_acts(model: Any, windows: Tensor, window: np.ndarray, pos: np.ndarray, layer: np.ndarray,
-                neuron: np.ndarray, batch_size: int, progress: bool = False) -> np.ndarray:
-    """Activation of neuron (`layer[i]`, `neuron[i]`) at (`window[i]`, `pos[i]`) for every request i `[n]`, from
+                neuron: np.ndarray, batch_size: int, progress: bool = False, units: Units = NEURONS) -> np.ndarray:
+    """Activation of unit (`layer[i]`, `neuron[i]`) at (`window[i]`, `pos[i]`) for every request i `[n]`, from
     one pass over the distinct windows in batches of `batch_size` (`passes.read_layers`)."""
+    act_kind = units.kinds(model, True)[1]
     values = np.zeros(len(window), dtype=np.float32)
     if len(window) == 0:
         return values
@@ -61,23 +63,25 @@ def _cross_acts(model: Any, windows: Tensor, window: np.ndarray, pos: np.ndarray
         rows = order[starts[lo] : starts[hi]]  # the requests of these windows
         rows = rows[layer[rows] == l]
         local = np.searchsorted(unique[lo:hi], window[rows])  # [rows] window's row in the batch
-        values[rows] = read["post"][torch.as_tensor(local), torch.as_tensor(pos[rows].astype(np.int64)),
-                                    torch.as_tensor(neuron[rows].astype(np.int64))].float().cpu().numpy()
+        acts = units.act(read[act_kind])  # [batch, pos, n_units]
+        values[rows] = acts[torch.as_tensor(local), torch.as_tensor(pos[rows].astype(np.int64)),
+                            torch.as_tensor(neuron[rows].astype(np.int64))].float().cpu().numpy()
 
-    read_layers(model, windows[torch.as_tensor(unique)], np.unique(layer).tolist(), ("post",), on_layer,
+    read_layers(model, windows[torch.as_tensor(unique)], np.unique(layer).tolist(), (act_kind,), on_layer,
                 batch_size=batch_size, progress=progress, desc="cross activations")
     return values
 
 
 def similar_table(model: Any, windows: Tensor, features: pd.DataFrame, vectors: Callable[[int], pd.DataFrame],
                   examples: Callable[[int], pd.DataFrame], max_act: np.ndarray, settings: AtlasSettings,
-                  n_pos: int, progress: bool = False) -> pd.DataFrame:
+                  n_pos: int, progress: bool = False, units: Units = NEURONS) -> pd.DataFrame:
     """The `similar` step: for every feature, its `n_similar` nearest features of other neurons (any layer).
 
     Args:
         features: the `features` rows of all layers; vectors: layer -> the central embeddings of that layer's
             features (`layer, neuron, cluster, vector`); examples: layer -> that layer's `examples` table
-            (`EXAMPLE_COLUMNS` are enough); max_act: `[n_layers, d_mlp]`.
+            (`EXAMPLE_COLUMNS` are enough); max_act: `[n_layers, n_units]`, indexed by layer; units: neurons or
+            a dictionary's latents (`Units`), whose activations the cross activation reads.
 
     Memory: the unit feature vectors (`[n_features, d_model]` float32, filled a layer at a time), one layer's
     examples at a time, every feature's example keys (int64, one per example of a feature), and
@@ -102,7 +106,8 @@ def similar_table(model: Any, windows: Tensor, features: pd.DataFrame, vectors: 
     members, tops = _example_keys(feats, examples, n_pos)
     pairs["shared_examples"] = _jaccard(members, i_idx, j_idx)
     del members
-    pairs["cross_act"] = _mean_cross_act(model, windows, feats, tops, i_idx, j_idx, max_act, settings, n_pos, progress)
+    pairs["cross_act"] = _mean_cross_act(model, windows, feats, tops, i_idx, j_idx, max_act, settings, n_pos, progress,
+                                         units)
     return pairs[columns].sort_values(["layer", "neuron", "cluster", "rank"]).reset_index(drop=True)
 
 
@@ -199,8 +204,8 @@ def _jaccard(members: Ragged, i_idx: np.ndarray, j_idx: np.ndarray) -> np.ndarra
 
 
 def _mean_cross_act(model: Any, windows: Tensor, feats: _Features, tops: Ragged, i_idx: np.ndarray,
-                    j_idx: np.ndarray, max_act: np.ndarray, settings: AtlasSettings, n_pos: int, progress: bool
-                    ) -> np.ndarray:
+                    j_idx: np.ndarray, max_act: np.ndarray, settings: AtlasSettings, n_pos: int, progress: bool,
+                    units: Units = NEURONS) -> np.ndarray:
     """Per pair `[n_pairs]`: mean activation of feature `j_idx[r]`'s neuron on feature `i_idx[r]`'s top examples,
     over that neuron's max activation; the requests are flat int32 arrays."""
     tm_key, tm_offsets = tops
@@ -212,7 +217,8 @@ def _mean_cross_act(model: Any, windows: Tensor, feats: _Features, tops: Ragged,
     del member
     other_layer, other_neuron = feats.layer[j_idx][pair], feats.neuron[j_idx][pair]
     vals = _cross_acts(model, windows, (req_key // n_pos).astype(np.int32), (req_key % n_pos).astype(np.int32),
-                       other_layer.astype(np.int32), other_neuron.astype(np.int32), settings.batch_size, progress)
+                       other_layer.astype(np.int32), other_neuron.astype(np.int32), settings.batch_size, progress,
+                       units)
     del req_key
     scale = max_act[other_layer, other_neuron].astype(np.float64)
     rel = np.where(scale > 0, vals / np.where(scale > 0, scale, 1.0), np.nan)
