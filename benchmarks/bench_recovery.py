@@ -8,9 +8,11 @@ Per layer: virtual neurons (`evaluation.make_virtual_neurons`, 2-4 monosemantic 
 examples (`evaluation.collect_virtual_examples`), a sparse dictionary of the layer's h trained on random tokens
 (`representations.train_dictionary`), then every space of `recovery.layer_spaces` cut by every cut of
 `--cuts`, scored against the sources on the virtual neurons with two or more sources among their scored
-examples. It prints the mean V-measure, homogeneity, completeness, ARI, 5-NN accuracy and clusters per source
-per layer, space and cut; the reference row `token` clusters by activating token. Then the held-out choice:
-for each layer, the (space, cut) with the best mean V-measure on the other layers, scored on that layer.
+examples, at each `--margins` (an example is scored when its second source adds less than margin x the
+first). It prints the mean V-measure, homogeneity, completeness, ARI, 5-NN accuracy and clusters per source
+per layer, space and cut, with two references (`recovery.REFERENCES`): `token` clusters by activating token,
+`source_terms` cuts the sources' own scaled terms (the label is their argmax). Then the held-out choice: for
+each layer, the (space, cut) with the best mean V-measure on the other layers, scored on that layer.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ def main() -> None:
     parser.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
     parser.add_argument("--k", type=int, default=128)
     parser.add_argument("--frac", type=float, default=0.75)
-    parser.add_argument("--cuts", type=_cuts, default=_cuts("local:0.75,local:0.5,leiden:0.5,leiden:1"),
+    parser.add_argument("--cuts", type=_cuts, default=_cuts("local:0.75,local:0.9,leiden:1,leiden:2"),
                         help="method:threshold pairs")
+    parser.add_argument("--margins", default="0.9,0.5", help="comma-separated scoring margins")
     parser.add_argument("--dictionary-tokens", type=int, default=20_000)
     parser.add_argument("--dictionary-steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
@@ -61,22 +64,27 @@ def main() -> None:
         fit = sae.history["mse"][-1], sae.history["l0"][-1]
         t1 = time.perf_counter()
         cases = recovery.virtual_cases(model, windows, v, examples)
-        scores.append(recovery.score_cases(cases, recovery.layer_spaces(sae), args.cuts))
+        spaces = recovery.layer_spaces(sae)
+        scores += [recovery.score_cases(cases, spaces, args.cuts, margin=float(m)) for m in args.margins.split(",")]
         print(f"layer {v.layer}: {v.n_virtual} virtual neurons; dictionary {sae.n_latents} latents, last batch mse "
               f"{fit[0]:.3f}, L0 {fit[1]:.1f} ({t1 - t0:.0f} s); scored in {time.perf_counter() - t1:.0f} s")
     scores = pd.concat(scores, ignore_index=True)
     if args.out:
         scores.to_csv(args.out, index=False)
     pd.set_option("display.width", 200, "display.max_rows", 500)
-    table = recovery.summary(scores)
-    print("\nmean over virtual neurons with >= 2 scored sources, per layer (n = virtual neurons):")
-    print(table.round(3).to_string(index=False))
-    overall = table.groupby(["space", "method", "threshold"])[list(recovery.SCORES)].mean()
-    print("\nmean over layers:")
-    print(overall.sort_values("v_measure", ascending=False).round(3).to_string())
-    if len(layers) > 1:
-        print("\nheld out: chosen by mean V-measure on the other layers, scored on this one:")
-        print(recovery.held_out_choice(scores).round(3).to_string(index=False))
+    for margin, part in scores.groupby("margin"):
+        table = recovery.summary(part)
+        kept = part.drop_duplicates(["layer", "virtual"])
+        print(f"\n===== margin {margin}: {len(kept)} virtual neurons with >= 2 scored sources, "
+              f"{kept.n_scored.sum() / kept.n_examples.sum():.0%} of their examples scored")
+        print("per layer (n = virtual neurons):")
+        print(table.round(3).to_string(index=False))
+        overall = table.groupby(["space", "method", "threshold"])[list(recovery.SCORES)].mean()
+        print("\nmean over layers:")
+        print(overall.sort_values("v_measure", ascending=False).round(3).to_string())
+        if len(layers) > 1:
+            print("\nheld out: chosen by mean V-measure on the other layers, scored on this one:")
+            print(recovery.held_out_choice(part).round(3).to_string(index=False))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

@@ -11,7 +11,12 @@ clustering methods, and scored against the sources:
   SAE trained on that layer's `h` at ordinary tokens (`layer_tokens`, `representations.train_dictionary`).
 - `score_cases` clusters each case in each space with each cut (`clustering` methods, any threshold) and
   scores it: ARI, homogeneity, completeness, V-measure, a 5-nearest-neighbour vote and clusters per source.
-  The space `"token"` is a reference, not a representation: one cluster per activating token.
+  Two reference spaces come with every case and are never chosen: `"token"` (one cluster per activating
+  token, no cut) and `"source_terms"`, the scaled terms of the sources themselves `[n, n_sources]`, whose
+  argmax *is* the label: what a cut could reach if a representation held exactly what tells the sources apart.
+- `margin` decides which examples are scored: those whose second source adds less than `margin` times the
+  first (`evaluation.AMBIGUOUS`, 0.9, by default). Most top examples of a virtual neuron are driven by several
+  sources together, so the score at a strict margin (0.5) is also worth reading.
 - `summary` averages per layer; `held_out_choice` picks the (space, cut) on all layers but one and scores it
   on that one, so no choice is scored on the layer it was made on.
 """
@@ -25,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from nbutils import clustering, evaluation, representations
-from nbutils._validation import check_int_range, fail
+from nbutils._validation import check_float_range, check_int_range, fail
 
 __all__ = [
     "VirtualCase",
@@ -35,6 +40,7 @@ __all__ = [
     "layer_spaces",
     "DEFAULT_CUTS",
     "SCORES",
+    "REFERENCES",
     "score_cases",
     "summary",
     "held_out_choice",
@@ -53,8 +59,8 @@ class VirtualCase:
         layer, virtual: which virtual neuron.
         h: `[n, d_model]` float64 pre-MLP vectors at its examples (folded norm convention).
         w: `[d_model]` its input weights (gated: gate weights).
-        truth: `[n]` index of the source that adds most at each example (`evaluation.score_virtual_neurons`).
-        scored: `[n]` bool, False where the second source reaches `evaluation.AMBIGUOUS` of the first.
+        terms: `[n, n_sources]` what each source adds on its own, scaled to 1 at its top example (plain MLP:
+            `(h . w_i + b_i) / s_i`; gated: `act(g_i / s_i) * u_i / t_i`; `evaluation.VirtualNeurons`).
         token: `[n]` activating token ids.
     """
 
@@ -62,9 +68,18 @@ class VirtualCase:
     virtual: int
     h: np.ndarray
     w: np.ndarray
-    truth: np.ndarray
-    scored: np.ndarray
+    terms: np.ndarray
     token: np.ndarray
+
+    @property
+    def truth(self) -> np.ndarray:
+        """`[n]` the source that adds most at each example (as `evaluation.score_virtual_neurons` labels it)."""
+        return self.terms.argmax(axis=1)
+
+    def scored(self, margin: float = evaluation.AMBIGUOUS) -> np.ndarray:
+        """`[n]` bool: the second source adds less than `margin` times the first."""
+        order = np.sort(self.terms, axis=1)
+        return order[:, -2] < margin * order[:, -1]
 
 
 def virtual_cases(model: Any, windows: Any, virtual: evaluation.VirtualNeurons, examples: pd.DataFrame) -> list[VirtualCase]:
@@ -81,10 +96,8 @@ def virtual_cases(model: Any, windows: Any, virtual: evaluation.VirtualNeurons, 
     cases = []
     for v, rows in ex.groupby("virtual").indices.items():
         h = h_all[inverse.reshape(-1)[rows]]  # [n, d_model]
-        contrib = evaluation._source_terms(model, virtual, h, src.index[src.virtual == v])  # [n, n_sources]
-        order = np.sort(contrib, axis=1)
-        cases.append(VirtualCase(layer=virtual.layer, virtual=int(v), h=h, w=W[:, v], truth=contrib.argmax(axis=1),
-                                 scored=order[:, -2] < evaluation.AMBIGUOUS * order[:, -1], token=tokens[rows]))
+        terms = evaluation._source_terms(model, virtual, h, src.index[src.virtual == v])  # [n, n_sources]
+        cases.append(VirtualCase(layer=virtual.layer, virtual=int(v), h=h, w=W[:, v], terms=terms, token=tokens[rows]))
     return cases
 
 
@@ -125,6 +138,7 @@ def score_cases(
     spaces: dict[str, Space],
     cuts: tuple[tuple[str, float], ...] = DEFAULT_CUTS,
     *,
+    margin: float = evaluation.AMBIGUOUS,
     neighbours: int = 5,
     min_sources: int = 2,
 ) -> pd.DataFrame:
@@ -134,6 +148,8 @@ def score_cases(
         cases: `virtual_cases` (of one or several layers; the spaces must suit every case's layer).
         spaces: `{name: (h, w) -> [n, dim]}` (`layer_spaces`).
         cuts: `(method, threshold)` pairs of `clustering.METHODS`.
+        margin: score the examples whose second source adds less than `margin` times the first (all
+            examples are clustered).
         neighbours: neighbours of the nearest-neighbour vote.
         min_sources: cases with fewer sources among their scored examples are skipped (one source cannot be
             told apart from anything).
@@ -141,47 +157,53 @@ def score_cases(
     Returns:
         DataFrame, one row per (case, space, cut): `layer, virtual, n_examples, n_scored, n_present, space,
         method, threshold, n_clusters, ari, homogeneity, completeness, v_measure, clusters_per_source,
-        knn_accuracy, majority`. The reference space `"token"` (one cluster per activating token) has
-        method `"token"` and no neighbour vote.
+        knn_accuracy, majority, margin`. The reference space `"token"` (one cluster per activating token) has
+        method `"token"` and no neighbour vote; `"source_terms"` is cut like the others.
     """
     from threadpoolctl import threadpool_limits
 
     cuts = tuple((m, clustering._check_threshold(m, t)) for m, t in cuts)
     neighbours = check_int_range("neighbours", neighbours, 1, 1000)
+    margin = check_float_range("margin", margin, 0.0, 1.0, low_open=True)
     if not spaces:
         fail("spaces", "name at least one representation", "none")
     rows = []
     with threadpool_limits(1):
         for case in cases:
-            truth = np.unique(case.truth[case.scored], return_inverse=True)[1].reshape(-1)  # sources 0..m-1
-            if len(np.unique(truth)) < min_sources or len(case.truth) < 3:
+            scored = case.scored(margin)
+            truth = np.unique(case.truth[scored], return_inverse=True)[1].reshape(-1)  # sources 0..m-1
+            if len(np.unique(truth)) < min_sources or len(scored) < 3:
                 continue
-            full = np.zeros(len(case.truth), dtype=np.int64)
-            full[case.scored] = truth  # unscored examples are clustered but never scored
-            base = dict(layer=case.layer, virtual=case.virtual, n_examples=len(full), n_scored=int(case.scored.sum()),
-                        n_present=int(truth.max()) + 1)
+            full = np.zeros(len(scored), dtype=np.int64)
+            full[scored] = truth  # unscored examples are clustered but never scored
+            base = dict(layer=case.layer, virtual=case.virtual, n_examples=len(full), n_scored=int(scored.sum()),
+                        n_present=int(truth.max()) + 1, margin=margin)
             majority = np.bincount(truth).max() / len(truth)
             token = np.unique(case.token, return_inverse=True)[1].reshape(-1)
-            rows.append(dict(base, space="token", method="token", threshold=np.nan, **_score(full, token, case.scored),
+            rows.append(dict(base, space="token", method="token", threshold=np.nan, **_score(full, token, scored),
                              knn_accuracy=np.nan, majority=majority))
-            for name, space in spaces.items():
-                sim = clustering.cosine_similarity(space(case.h, case.w))
-                knn = evaluation._knn_accuracy(sim[np.ix_(case.scored, case.scored)], truth, neighbours)
+            vectors = {name: space(case.h, case.w) for name, space in spaces.items()}
+            for name, x in {**vectors, "source_terms": case.terms}.items():
+                sim = clustering.cosine_similarity(x)
+                knn = evaluation._knn_accuracy(sim[np.ix_(scored, scored)], truth, neighbours)
                 for method, t in cuts:
                     labels = clustering._labels_from_similarity(sim, method, t)
-                    rows.append(dict(base, space=name, method=method, threshold=t, **_score(full, labels, case.scored),
+                    rows.append(dict(base, space=name, method=method, threshold=t, **_score(full, labels, scored),
                                      knn_accuracy=knn, majority=majority))
     return pd.DataFrame(rows)
 
 
 def summary(scores: pd.DataFrame) -> pd.DataFrame:
-    """Mean scores per (layer, space, method, threshold), with the number of virtual neurons `n`."""
-    keys = ["layer", "space", "method", "threshold"]
+    """Mean scores per (margin, layer, space, method, threshold), with the number of virtual neurons `n`."""
+    keys = ["margin", "layer", "space", "method", "threshold"]
     table = scores.fillna({"threshold": -1}).groupby(keys)[list(SCORES)].mean()
     return table.assign(n=scores.fillna({"threshold": -1}).groupby(keys).size()).reset_index()
 
 
-def held_out_choice(scores: pd.DataFrame, metric: str = "v_measure", *, exclude: tuple[str, ...] = ("token",)) -> pd.DataFrame:
+REFERENCES = ("token", "source_terms")  # reference spaces of every case: never chosen
+
+
+def held_out_choice(scores: pd.DataFrame, metric: str = "v_measure", *, exclude: tuple[str, ...] = REFERENCES) -> pd.DataFrame:
     """For each layer, the (space, method, threshold) with the best mean `metric` over the other layers'
     virtual neurons (each layer weighs alike), and its scores on the held-out layer.
 
@@ -191,6 +213,8 @@ def held_out_choice(scores: pd.DataFrame, metric: str = "v_measure", *, exclude:
     """
     if metric not in SCORES:
         fail("metric", f"be one of {SCORES}", repr(metric))
+    if scores.margin.nunique() > 1:
+        fail("scores", "hold one margin (each margin scores other examples)", sorted(scores.margin.unique()))
     table = summary(scores[~scores.space.isin(exclude)])
     keys = ["space", "method", "threshold"]
     rows = []
@@ -200,5 +224,6 @@ def held_out_choice(scores: pd.DataFrame, metric: str = "v_measure", *, exclude:
             fail("scores", "cover at least two layers (the choice is made on the others)", f"layer {layer} only")
         best = others.idxmax() if metric != "clusters_per_source" else others.idxmin()
         here = table[(table.layer == layer) & (table[keys].apply(tuple, axis=1) == best)]
-        rows.append(dict(layer=layer, **dict(zip(keys, best)), **here[list(SCORES)].iloc[0].to_dict()))
+        rows.append(dict(layer=layer, **dict(zip(keys, best)), **here[list(SCORES)].iloc[0].to_dict(),
+                         n=int(here.n.iloc[0])))
     return pd.DataFrame(rows)
