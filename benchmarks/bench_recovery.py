@@ -13,6 +13,11 @@ first). It prints the mean V-measure, homogeneity, completeness, ARI, 5-NN accur
 per layer, space and cut, with two references (`recovery.REFERENCES`): `token` clusters by activating token,
 `source_terms` cuts the sources' own scaled terms (the label is their argmax). Then the held-out choice: for
 each layer, the (space, cut) with the best mean V-measure on the other layers, scored on that layer.
+
+Measured with the defaults (tiny model, 1,000 windows, 100 virtual neurons per layer, all 4 layers; 22 min on 2
+heavily loaded cores, of which each layer's dictionary took 2-3.5 min): held out, the dictionary code at `local`
+0.9 won on every layer, mean V 0.45 / homogeneity 0.67 at margin 0.9 (today's `h ⊙ w` at `local` 0.75: 0.28 /
+0.32), 0.67 / 0.93 at margin 0.5; the sources' own terms reach 0.49 and 0.86. The full table is in the README.
 """
 
 from __future__ import annotations
