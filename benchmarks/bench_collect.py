@@ -3,6 +3,7 @@
     python benchmarks/bench_collect.py                     # defaults: 1024 windows × 7 rounds, N = 1000
     python benchmarks/bench_collect.py --windows 256 --rounds 3 --n 200
     python benchmarks/bench_collect.py --model PATH         # any Hugging Face model folder the bridge boots
+    python benchmarks/bench_collect.py --model smollm2-135m --windows 256 --rounds 3 --no-memory   # the real model
     python benchmarks/bench_collect.py --random-family llama --no-memory   # a random 4-layer, d_model 256 model
 
 `--random-family` (gpt2, gpt_neox, gptj, llama, gemma2, opt) builds a randomly initialised model of that family
@@ -39,7 +40,7 @@ import time
 
 import torch
 
-from nbutils import _env, activations, data, models
+from nbutils import _env, activations, data, models, pretrained
 
 
 def _status_mb(field: str) -> float:
@@ -91,7 +92,8 @@ def _throughput(model_path: str | None, n_windows: int, rounds: int, batch_size:
     from transformers import AutoModelForCausalLM
 
     model = models.load_model(model_path)
-    hf = AutoModelForCausalLM.from_pretrained(model_path or _env.DEFAULT_MODEL_DIR).eval()
+    folder = pretrained.local_folder(model_path) if model_path in pretrained.PRETRAINED else model_path
+    hf = AutoModelForCausalLM.from_pretrained(folder or _env.DEFAULT_MODEL_DIR).eval()
     windows = data.corpus_windows(model, n_windows, window)  # [n_windows, window]
 
     def forward(fn) -> None:
@@ -156,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=1000, help="N for the memory comparison (N and 10×N windows)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--window", type=int, default=64, help="tokens per window")
-    parser.add_argument("--model", default=None, help="Hugging Face model folder (default: the offline default)")
+    parser.add_argument("--model", default=None, help="Hugging Face model folder or an offline "
+                        "name such as smollm2-135m (default: the offline default)")
     parser.add_argument("--random-family", default=None, help="benchmark a random 4-layer, d_model 256 model of "
                         "this family: gpt2, gpt_neox, gptj, llama, gemma2 or opt")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory comparison")

@@ -1,12 +1,14 @@
-"""Command line: build, describe and query a feature atlas.
+"""Command line: build, describe, query and export a feature atlas.
 
     python -m nbutils atlas build [--model M] [--source S] [--windows N] [--window W] [--k K] [--frac F]
                                   [--layers 0,2] [--method M] [--threshold T] [--out DIR] [--quiet]
     python -m nbutils atlas info DIR
     python -m nbutils atlas query DIR "SELECT layer, count(*) FROM features GROUP BY layer"
+    python -m nbutils atlas export-site DIR OUT_DIR [--quiet]
 
 `build` writes to the same default folder that the notebooks open (`atlas.default_path`) unless `--out` is given;
-run again after an interruption, it resumes. A bad argument prints one line and exits with status 2.
+run again after an interruption, it resumes. `export-site` writes the atlas's static site (`site.export_site`): a
+folder to open from disk or put on any static host. A bad argument prints one line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -57,8 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("path", help="atlas folder")
     query = sub.add_parser("query", help="run a SQL query (DuckDB) over an atlas's tables")
     query.add_argument("path", help="atlas folder")
-    query.add_argument("sql", help="the query; views: neurons, examples, contexts, features, \"similar\", windows, vocab")
+    query.add_argument("sql", help="the query; views: neurons, examples, contexts, features, bands, similar_features, "
+                       "windows, vocab (the window id is window_id)")
     query.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    export = sub.add_parser("export-site", help="write the atlas's static site (open index.html, or host the folder)")
+    export.add_argument("path", help="atlas folder")
+    export.add_argument("out", help="the site's folder: new, empty, or an earlier export (replaced)")
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -90,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "build":
             _build(args)
+        elif args.command == "export-site":
+            from nbutils import site
+
+            out = site.export_site(args.path, args.out, progress=not args.quiet)
+            print(f"site written to {out} ({site.site_bytes(out) / 1e6:.1f} MB); open {out / 'index.html'}")
         else:
             from nbutils import atlas
 

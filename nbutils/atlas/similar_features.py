@@ -1,0 +1,220 @@
+"""The `similar` step: every feature's nearest features of other neurons, scored by shared examples and by cross
+activation (the other neuron run on this feature's top examples)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from nbutils.atlas.settings import CROSS_MEMBERS, AtlasSettings
+from nbutils.cache import CacheError
+from nbutils.passes import read_layers
+
+__all__ = ["EXAMPLE_COLUMNS", "similar_table"]
+
+EXAMPLE_COLUMNS = ["layer", "neuron", "cluster", "window", "pos", "act"]  # what the similar step reads of `examples`
+
+
+def _nearest_other(u: np.ndarray, owner: np.ndarray, k: int, chunk_bytes: int = 1 << 28, progress: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest rows by cosine among rows of *other* owners (neurons). `u` unit rows `[n, d]` float32.
+    Returns (indices `[n, k]`, -1 where fewer exist; similarities `[n, k]`), most similar first, equal
+    similarities by index."""
+    from tqdm.auto import tqdm
+
+    n = len(u)
+    ind = np.full((n, k), -1, dtype=np.int64)
+    sim = np.full((n, k), np.nan, dtype=np.float32)
+    kk = min(k, n)
+    step = max(1, chunk_bytes // max(1, 4 * n))
+    ut, own = torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32)), torch.from_numpy(np.asarray(owner))
+    for lo in tqdm(range(0, n, step), desc="nearest features", unit="block", disable=not progress):
+        block = ut[lo : lo + step] @ ut.T  # [chunk, n]
+        block.masked_fill_(own[lo : lo + step, None] == own[None, :], float("-inf"))  # not itself, not its own neuron
+        vals, part = (t.numpy() for t in torch.topk(block, kk, dim=1))  # [chunk, kk]
+        order = np.lexsort((part, -vals), axis=1)  # by similarity desc, then index
+        part, vals = np.take_along_axis(part, order, axis=1), np.take_along_axis(vals, order, axis=1)
+        valid = np.isfinite(vals)
+        ind[lo : lo + len(block), :kk] = np.where(valid, part, -1)
+        sim[lo : lo + len(block), :kk] = np.where(valid, vals, np.nan)
+    return ind, sim
+
+
+
+def _cross_acts(model: Any, windows: Tensor, window: np.ndarray, pos: np.ndarray, layer: np.ndarray,
+                neuron: np.ndarray, batch_size: int, progress: bool = False) -> np.ndarray:
+    """Activation of neuron (`layer[i]`, `neuron[i]`) at (`window[i]`, `pos[i]`) for every request i `[n]`, from
+    one pass over the distinct windows in batches of `batch_size` (`passes.read_layers`)."""
+    values = np.zeros(len(window), dtype=np.float32)
+    if len(window) == 0:
+        return values
+    order = np.argsort(window, kind="stable")  # requests by window
+    unique, starts = np.unique(window[order], return_index=True)
+    starts = np.append(starts, len(order))
+
+    def on_layer(l: int, read: dict[str, Tensor], lo: int, hi: int) -> None:
+        rows = order[starts[lo] : starts[hi]]  # the requests of these windows
+        rows = rows[layer[rows] == l]
+        local = np.searchsorted(unique[lo:hi], window[rows])  # [rows] window's row in the batch
+        values[rows] = read["post"][torch.as_tensor(local), torch.as_tensor(pos[rows].astype(np.int64)),
+                                    torch.as_tensor(neuron[rows].astype(np.int64))].float().cpu().numpy()
+
+    read_layers(model, windows[torch.as_tensor(unique)], np.unique(layer).tolist(), ("post",), on_layer,
+                batch_size=batch_size, progress=progress, desc="cross activations")
+    return values
+
+
+def similar_table(model: Any, windows: Tensor, features: pd.DataFrame, vectors: Callable[[int], pd.DataFrame],
+                  examples: Callable[[int], pd.DataFrame], max_act: np.ndarray, settings: AtlasSettings,
+                  n_pos: int, progress: bool = False) -> pd.DataFrame:
+    """The `similar` step: for every feature, its `n_similar` nearest features of other neurons (any layer).
+
+    Args:
+        features: the `features` rows of all layers; vectors: layer -> the central embeddings of that layer's
+            features (`layer, neuron, cluster, vector`); examples: layer -> that layer's `examples` table
+            (`EXAMPLE_COLUMNS` are enough); max_act: `[n_layers, d_mlp]`.
+
+    Memory: the unit feature vectors (`[n_features, d_model]` float32, filled a layer at a time), one layer's
+    examples at a time, every feature's example keys (int64, one per example of a feature), and
+    `n_features * n_similar * CROSS_MEMBERS` cross-activation requests (a few int32 arrays), in plain numpy.
+    """
+    columns = ["layer", "neuron", "cluster", "rank", "other_layer", "other_neuron", "other_cluster", "other_size",
+               "similarity", "shared_examples", "cross_act"]
+    feats = _Features.of(features, int(max_act.shape[1]))
+    if feats.n < 2:
+        return pd.DataFrame(columns=columns)
+    u = _unit_vectors(feats, vectors)
+    ind, sim = _nearest_other(u, feats.owner, settings.n_similar, progress=progress)
+    del u
+    i_idx, rank = np.nonzero(ind >= 0)
+    j_idx = ind[i_idx, rank]
+    pairs = pd.DataFrame({  # one row per (feature, rank)
+        "layer": feats.layer[i_idx], "neuron": feats.neuron[i_idx], "cluster": feats.cluster[i_idx],
+        "rank": rank.astype(np.int64), "other_layer": feats.layer[j_idx], "other_neuron": feats.neuron[j_idx],
+        "other_cluster": feats.cluster[j_idx], "other_size": feats.size[j_idx],
+        "similarity": sim[i_idx, rank].astype(np.float32),
+    })
+    members, tops = _example_keys(feats, examples, n_pos)
+    pairs["shared_examples"] = _jaccard(members, i_idx, j_idx)
+    del members
+    pairs["cross_act"] = _mean_cross_act(model, windows, feats, tops, i_idx, j_idx, max_act, settings, n_pos, progress)
+    return pairs[columns].sort_values(["layer", "neuron", "cluster", "rank"]).reset_index(drop=True)
+
+
+@dataclass
+class _Features:
+    """The features sorted by `(layer, neuron, cluster)` as flat arrays `[n]`; `owner` is the neuron's id."""
+
+    layer: np.ndarray
+    neuron: np.ndarray
+    cluster: np.ndarray
+    size: np.ndarray
+    d_mlp: int
+
+    @classmethod
+    def of(cls, features: pd.DataFrame, d_mlp: int) -> "_Features":
+        keys = ["layer", "neuron", "cluster"]
+        feats = features[keys + ["size"]].sort_values(keys)
+        return cls(*(feats[c].to_numpy(np.int64) for c in keys + ["size"]), d_mlp=d_mlp)
+
+    @property
+    def n(self) -> int:
+        return len(self.layer)
+
+    @property
+    def owner(self) -> np.ndarray:
+        return self.layer * self.d_mlp + self.neuron
+
+    def index(self, table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's feature (index into these arrays) and whether it has one (clusters too small to be features
+        don't)."""
+        code = self.owner << 32 | self.cluster  # sorted, as the features are
+        row_code = (table["layer"].to_numpy(np.int64) * self.d_mlp + table["neuron"].to_numpy(np.int64)) << 32 \
+            | table["cluster"].to_numpy(np.int64)
+        fid = np.minimum(np.searchsorted(code, row_code), self.n - 1)
+        return fid, code[fid] == row_code
+
+
+def _unit_vectors(feats: _Features, vectors: Callable[[int], pd.DataFrame]) -> np.ndarray:
+    """Every feature's central embedding as a unit row `[n_features, d_model]` float32, read a layer at a time."""
+    u, found = None, np.zeros(feats.n, dtype=bool)
+    for layer in np.unique(feats.layer):
+        v = vectors(int(layer))
+        if v.empty:
+            continue  # its features are reported missing below
+        fid, ok = feats.index(v)
+        if u is None:
+            u = np.zeros((feats.n, len(v["vector"].iloc[0])), dtype=np.float32)  # [n_features, d_model]
+        if ok.any():
+            u[fid[ok]] = np.stack(v["vector"].to_numpy()[ok])
+        found[fid[ok]] = True
+        del v
+    if not found.all():
+        raise CacheError(f"{int((~found).sum())} features have no stored central embedding; rebuild the atlas.")
+    u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), np.finfo(np.float32).tiny)  # unit rows, in place
+    return u
+
+
+Ragged = tuple[np.ndarray, np.ndarray]  # (values, offsets [n_features + 1]): feature i's are values[off[i]:off[i+1]]
+
+
+def _example_keys(feats: _Features, examples: Callable[[int], pd.DataFrame], n_pos: int) -> tuple[Ragged, Ragged]:
+    """Every feature's example keys `window * n_pos + pos`, sorted (for the overlap), and its `CROSS_MEMBERS`
+    highest examples' keys (the examples a similar feature's neuron is run on); one layer's examples at a time."""
+    member_parts, member_feat, top_parts = [], [], []
+    for layer in np.unique(feats.layer):
+        ex = examples(int(layer))
+        fid, keep = feats.index(ex)
+        fid, act = fid[keep], ex["act"].to_numpy(np.float32)[keep]
+        key = ex["window"].to_numpy(np.int64)[keep] * n_pos + ex["pos"].to_numpy(np.int64)[keep]
+        del ex
+        by_key = np.lexsort((key, fid))
+        member_parts.append(key[by_key])
+        member_feat.append(fid[by_key])
+        by_act = np.lexsort((-act, fid))  # within a feature: highest act first (ties: table order)
+        f_sorted = fid[by_act]
+        first = np.searchsorted(f_sorted, f_sorted, side="left")
+        top = by_act[np.arange(len(by_act)) - first < CROSS_MEMBERS]
+        top_parts.append((fid[top], key[top]))
+    ends = np.arange(feats.n + 1)
+    members = (np.concatenate(member_parts), np.searchsorted(np.concatenate(member_feat), ends))
+    tops = (np.concatenate([t[1] for t in top_parts]), np.searchsorted(np.concatenate([t[0] for t in top_parts]), ends))
+    return members, tops
+
+
+def _jaccard(members: Ragged, i_idx: np.ndarray, j_idx: np.ndarray) -> np.ndarray:
+    """Jaccard overlap of the example sets of features `i_idx[r]` and `j_idx[r]`, for every pair r `[n_pairs]`."""
+    key, off = members
+    shared = np.zeros(len(i_idx), dtype=np.float32)
+    for r, (i, j) in enumerate(zip(i_idx.tolist(), j_idx.tolist())):
+        a, b = key[off[i] : off[i + 1]], key[off[j] : off[j + 1]]
+        inter = len(np.intersect1d(a, b, assume_unique=True))
+        shared[r] = inter / (len(a) + len(b) - inter)
+    return shared
+
+
+def _mean_cross_act(model: Any, windows: Tensor, feats: _Features, tops: Ragged, i_idx: np.ndarray,
+                    j_idx: np.ndarray, max_act: np.ndarray, settings: AtlasSettings, n_pos: int, progress: bool
+                    ) -> np.ndarray:
+    """Per pair `[n_pairs]`: mean activation of feature `j_idx[r]`'s neuron on feature `i_idx[r]`'s top examples,
+    over that neuron's max activation; the requests are flat int32 arrays."""
+    tm_key, tm_offsets = tops
+    counts = (tm_offsets[1:] - tm_offsets[:-1])[i_idx]  # [n_pairs] requests of each pair
+    pair = np.repeat(np.arange(len(i_idx), dtype=np.int64), counts)  # [n_requests]
+    member = np.repeat(tm_offsets[:-1][i_idx], counts) + (np.arange(len(pair)) - np.repeat(np.cumsum(counts) - counts,
+                                                                                            counts))
+    req_key = tm_key[member]
+    del member
+    other_layer, other_neuron = feats.layer[j_idx][pair], feats.neuron[j_idx][pair]
+    vals = _cross_acts(model, windows, (req_key // n_pos).astype(np.int32), (req_key % n_pos).astype(np.int32),
+                       other_layer.astype(np.int32), other_neuron.astype(np.int32), settings.batch_size, progress)
+    del req_key
+    scale = max_act[other_layer, other_neuron].astype(np.float64)
+    rel = np.where(scale > 0, vals / np.where(scale > 0, scale, 1.0), np.nan)
+    sums = np.bincount(pair, weights=rel, minlength=len(i_idx))
+    return (sums / np.maximum(counts, 1)).astype(np.float32)
