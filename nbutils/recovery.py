@@ -31,6 +31,7 @@ import pandas as pd
 
 from nbutils import clustering, evaluation, representations
 from nbutils._validation import check_float_range, check_int_range, fail
+from nbutils.evaluation import virtual_neurons
 
 __all__ = [
     "VirtualCase",
@@ -96,7 +97,7 @@ def virtual_cases(model: Any, windows: Any, virtual: evaluation.VirtualNeurons, 
     cases = []
     for v, rows in ex.groupby("virtual").indices.items():
         h = h_all[inverse.reshape(-1)[rows]]  # [n, d_model]
-        terms = evaluation._source_terms(model, virtual, h, src.index[src.virtual == v])  # [n, n_sources]
+        terms = virtual_neurons._source_terms(model, virtual, h, src.index[src.virtual == v])  # [n, n_sources]
         cases.append(VirtualCase(layer=virtual.layer, virtual=int(v), h=h, w=W[:, v], terms=terms, token=tokens[rows]))
     return cases
 
@@ -185,7 +186,7 @@ def score_cases(
             vectors = {name: space(case.h, case.w) for name, space in spaces.items()}
             for name, x in {**vectors, "source_terms": case.terms}.items():
                 sim = clustering.cosine_similarity(x)
-                knn = evaluation._knn_accuracy(sim[np.ix_(scored, scored)], truth, neighbours)
+                knn = virtual_neurons._knn_accuracy(sim[np.ix_(scored, scored)], truth, neighbours)
                 for method, t in cuts:
                     labels = clustering._labels_from_similarity(sim, method, t)
                     rows.append(dict(base, space=name, method=method, threshold=t, **_score(full, labels, scored),
