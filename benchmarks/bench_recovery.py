@@ -41,8 +41,8 @@ def main() -> None:
     parser.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
     parser.add_argument("--k", type=int, default=128)
     parser.add_argument("--frac", type=float, default=0.75)
-    parser.add_argument("--cuts", type=_cuts, default=_cuts("local:0.75,local:0.9,leiden:1,leiden:2"),
-                        help="method:threshold pairs")
+    parser.add_argument("--cuts", type=_cuts, default=None,
+                        help="method:threshold pairs (default: recovery.DEFAULT_CUTS)")
     parser.add_argument("--margins", default="0.9,0.5", help="comma-separated scoring margins")
     parser.add_argument("--dictionary-tokens", type=int, default=20_000)
     parser.add_argument("--dictionary-steps", type=int, default=3000)
@@ -52,6 +52,7 @@ def main() -> None:
 
     from nbutils import activations, clustering, data, evaluation, models, recovery, representations
 
+    cuts = recovery.DEFAULT_CUTS if args.cuts is None else args.cuts
     start = time.perf_counter()
     model = models.load_model() if args.model is None else models.load_model(args.model)
     windows = data.corpus_windows(model, args.windows, window=64)
@@ -70,7 +71,7 @@ def main() -> None:
         t1 = time.perf_counter()
         cases = recovery.virtual_cases(model, windows, v, examples)
         spaces = recovery.layer_spaces(sae)
-        scores += [recovery.score_cases(cases, spaces, args.cuts, margin=float(m)) for m in args.margins.split(",")]
+        scores += [recovery.score_cases(cases, spaces, cuts, margin=float(m)) for m in args.margins.split(",")]
         print(f"layer {v.layer}: {v.n_virtual} virtual neurons; dictionary {sae.n_latents} latents, last batch mse "
               f"{fit[0]:.3f}, L0 {fit[1]:.1f} ({t1 - t0:.0f} s); scored in {time.perf_counter() - t1:.0f} s")
     scores = pd.concat(scores, ignore_index=True)
