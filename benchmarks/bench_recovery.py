@@ -88,7 +88,7 @@ def main() -> None:
         overall = table.groupby(["space", "method", "threshold"])[list(recovery.SCORES)].mean()
         print("\nmean over layers:")
         print(overall.sort_values("v_measure", ascending=False).round(3).to_string())
-        if len(layers) > 1:
+        if part.layer.nunique() > 1:  # a layer without scorable virtual neurons cannot be held out
             print("\nheld out: chosen by mean V-measure on the other layers, scored on this one:")
             print(recovery.held_out_choice(part).round(3).to_string(index=False))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
