@@ -1,7 +1,7 @@
 """Feature clusters: cluster a neuron's example embeddings, find central examples, measure polysemy.
 
 All methods read the cosine similarity `cos(e_a, e_b)` of a neuron's example embeddings (distance
-`1 - cos`). One API, five methods (`METHODS`):
+`1 - cos`). One API, six methods (`METHODS`):
 
 - `"threshold"` (the paper's): a graph with an edge where `cos >= threshold`; clusters = connected
   components. `threshold` is a cosine similarity in [-1, 1].
@@ -19,6 +19,10 @@ All methods read the cosine similarity `cos(e_a, e_b)` of a neuron's example emb
   neighbours: merge while the mean scaled similarity between two clusters is `>= threshold`, in (0, 1].
   The scale is measured per example rather than per neuron, so a weak, noisy feature and a strong, tight
   one of the same neuron are each held to their own scale.
+- `"leiden"`: community detection on the k-nearest-neighbour graph (`ADAPTIVE_NEIGHBOURS` neighbours per
+  example, by cosine similarity; an edge where either end counts the other among its nearest) with the Leiden
+  algorithm (`leidenalg`, modularity with resolution `threshold` > 0, fixed seed). It reads only who is
+  near whom, never a similarity value, so it needs no scale; a higher resolution gives more, smaller clusters.
 
 Label convention: 0 is the largest cluster, 1 the next, ... (ties by first member); points a method
 calls noise become singleton clusters, so -1 never appears.
@@ -60,6 +64,7 @@ __all__ = [
     "neighbour_similarity",
     "local_similarity",
     "cluster",
+    "knn_leiden",
     "canonical_labels",
     "central_example",
     "effective_n_clusters",
@@ -73,13 +78,13 @@ __all__ = [
     "mlp_activation",
 ]
 
-METHODS: tuple[str, ...] = ("adaptive", "local", "agglomerative", "threshold", "hdbscan")
+METHODS: tuple[str, ...] = ("adaptive", "local", "agglomerative", "threshold", "hdbscan", "leiden")
 DEFAULT_METHOD = "local"
 # Default `threshold` of each method (see module docstring for what it means per method): for "local", the
 # setting chosen across generator families (`evaluation.choose_default`); for the others, the best mean
 # adjusted Rand index of each method on one planted generator (`evaluation.compare_methods`).
 DEFAULT_THRESHOLDS: dict[str, float] = {"adaptive": 0.7, "local": 0.75, "agglomerative": 0.5, "threshold": 0.7,
-                                         "hdbscan": 3}
+                                         "hdbscan": 3, "leiden": 1.0}
 ADAPTIVE_NEIGHBOURS = 10
 # The paper's thresholds for GPT-2 small by layer (reference only; not our defaults).
 PAPER_THRESHOLDS_GPT2: dict[int, float] = {0: 0.5, 1: 0.2, 2: 0.2, 3: 0.1, 4: 0.1, **{i: 0.05 for i in range(5, 12)}}
@@ -119,6 +124,8 @@ def _check_threshold(method: str, threshold: Any) -> float:
         return check_float_range("threshold", threshold, 0.0, 2.0, low_open=True)
     if method == "local":
         return check_float_range("threshold", threshold, 0.0, 1.0, low_open=True)
+    if method == "leiden":
+        return check_float_range("threshold", threshold, 0.0, 100.0, low_open=True)  # the resolution
     return check_float_range("threshold", threshold, -1.0, 1.0)
 
 
@@ -155,6 +162,24 @@ def local_similarity(sim: Float[np.ndarray, "n n"], k: int = ADAPTIVE_NEIGHBOURS
     return scaled
 
 
+def knn_leiden(sim: Float[np.ndarray, "n n"], resolution: float = 1.0, k: int = ADAPTIVE_NEIGHBOURS, *,
+               seed: int = 0) -> Int[np.ndarray, "n"]:
+    """The `"leiden"` method on a similarity matrix: Leiden communities (modularity at `resolution`) of the
+    undirected, unweighted graph joining each row to its `k` most similar others. Labels `[n]`, not canonical."""
+    import igraph
+    import leidenalg
+
+    n = sim.shape[0]
+    k = max(1, min(k, n - 1))
+    others = sim - 3.0 * np.eye(n)  # push the diagonal below every real similarity
+    nearest = np.argpartition(-others, k - 1, axis=1)[:, :k]  # [n, k]
+    pairs = np.sort(np.stack([np.repeat(np.arange(n), k), nearest.reshape(-1)], axis=1), axis=1)  # [n k, 2]
+    graph = igraph.Graph(n=n, edges=np.unique(pairs, axis=0).tolist())
+    partition = leidenalg.find_partition(graph, leidenalg.RBConfigurationVertexPartition,
+                                         resolution_parameter=resolution, seed=seed)
+    return np.asarray(partition.membership, dtype=np.int64)
+
+
 def cluster(
     e: Float[np.ndarray, "n d"],
     method: str | None = None,
@@ -167,7 +192,7 @@ def cluster(
         method: one of `METHODS`; `None` for `DEFAULT_METHOD`.
         threshold: the method's setting: a cosine similarity in [-1, 1] for `"threshold"` and
             `"agglomerative"`, a factor in (0, 2] of the neuron's neighbour similarity for `"adaptive"`, a
-            locally scaled similarity in (0, 1] for `"local"`,
+            locally scaled similarity in (0, 1] for `"local"`, a resolution > 0 for `"leiden"`,
             `min_cluster_size >= 2` for `"hdbscan"`; `None` for `DEFAULT_THRESHOLDS[method]`.
 
     Returns:
@@ -204,6 +229,8 @@ def _labels_from_similarity(sim: Float[np.ndarray, "n n"], method: str, t: float
         labels = _average_linkage_cut(sim, t * ref) if ref > 0 else np.arange(n)
     elif method == "local":
         labels = _average_linkage_cut(local_similarity(sim), t)
+    elif method == "leiden":
+        labels = knn_leiden(sim, t)
     else:
         from sklearn.cluster import HDBSCAN
 

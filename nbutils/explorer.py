@@ -72,6 +72,8 @@ def threshold_range(method: str) -> tuple[float, float, float, float]:
         return 0.05, 2.0, 0.05, default
     if method == "local":  # a cut on the locally scaled similarity, in (0, 1]
         return 0.05, 1.0, 0.05, default
+    if method == "leiden":  # the resolution: higher gives more, smaller clusters
+        return 0.1, 5.0, 0.1, default
     return 0.0, 1.0, 0.01, default  # a cosine similarity
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from nbutils import activations, cache, clustering, dictionary, embeddings, importance, models, sae, similar, viz
+from nbutils import (activations, cache, clustering, dictionary, embeddings, importance, models, recovery,
+                     representations, sae, similar, viz)
 
 FLOAT = r"must hold integers; got 0\.5 \(floats are never rounded\)"
 
@@ -146,6 +147,16 @@ CASES: list[tuple[Callable, Callable[[Any], dict], type[Exception], str]] = [
     (dictionary.attach, lambda c: {"model": c.model, "dictionary": c.file}, TypeError,
      r"`dictionary` must be an nbutils\.dictionary\.Dictionary"),
     (dictionary.load_dictionary, lambda c: {"path": c.file}, FileNotFoundError, r"`path` must be a SAELens folder"),
+    (clustering.cluster, lambda c: {"e": np.eye(4), "method": "leiden", "threshold": -1}, ValueError,
+     r"`threshold` must be in \(0\.0, 100\.0\]; got -1"),
+    (representations.neuron_embedding, lambda c: {"h": np.eye(4), "w": np.ones(5)}, ValueError,
+     r"`w` must be one weight per column of `h`"),
+    (recovery.layer_tokens, lambda c: {"model": c.model, "windows": c.windows, "layer": 1, "n_tokens": 10**9},
+     ValueError, r"`n_tokens` must be in 2\.\.1536; got 1000000000"),
+    (recovery.score_cases, lambda c: {"cases": [], "spaces": recovery.layer_spaces(), "margin": 0.0}, ValueError,
+     r"`margin` must be in \(0\.0, 1\.0\]; got 0\.0"),
+    (recovery.score_cases, lambda c: {"cases": [], "spaces": {}}, ValueError,
+     r"`spaces` must name at least one representation"),
 ]
 
 
