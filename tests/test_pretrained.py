@@ -144,7 +144,8 @@ def test_top_k_equals_brute_force_on_a_slice(smollm, hf_model, slice_windows):
             assert np.allclose(mine.act.to_numpy(), values.numpy(), rtol=1e-4, atol=1e-5), (layer, neuron)
             distinct = np.diff(values.numpy(), prepend=np.inf) < -1e-4  # no tie with the one before
             assert set(mine.window.to_numpy()[distinct]) <= set(windows.numpy())
-            assert np.array_equal(mine.pos.to_numpy()[distinct], where[mine.window.to_numpy(), neuron].numpy()[distinct])
+            rows = torch.from_numpy(mine.window.to_numpy().copy())  # a writable copy: pandas' array is read-only
+            assert np.array_equal(mine.pos.to_numpy()[distinct], where[rows, neuron].numpy()[distinct])
 
 
 # --------------------------------------------------------------------------------------------------
