@@ -40,7 +40,7 @@ import time
 
 import torch
 
-from nbutils import _env, activations, data, models, pretrained
+from nbutils import _env, activations, data, mlp_forward, models, pretrained
 
 
 def _status_mb(field: str) -> float:
@@ -124,7 +124,7 @@ def _throughput(model_path: str | None, n_windows: int, rounds: int, batch_size:
             cpu[name].append(time.process_time() - start_cpu)
     tokens = windows.numel()
     result = {"tokens_per_round": tokens, "speeds": {}, "ratios": {},
-              "engine": activations._forward(model, plain_hf=True).engine}
+              "engine": mlp_forward.mlp_forward(model, plain_hf=True).engine}
     for name in methods:
         result["speeds"][name] = {"median": tokens / statistics.median(wall[name]), "best": tokens / min(wall[name])}
     for collect in ("collect", "collect_bridge"):

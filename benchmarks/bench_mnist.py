@@ -21,7 +21,7 @@ import time
 import torch
 
 from nbutils import mnist
-from nbutils.sae import available_cores
+from nbutils._env import available_cores
 
 
 def main() -> None:

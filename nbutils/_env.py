@@ -58,3 +58,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; `os.cpu_count()` where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1

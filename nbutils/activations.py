@@ -17,10 +17,8 @@ operation (`merge`). The result holds three plain tensors `[n_layers, d_mlp, k]`
 The activation of a neuron is the value its MLP's down projection reads: `act(pre)` for a plain MLP, `act(g) * u`
 for a gated one (SwiGLU / GeGLU: Llama, Gemma, Qwen, Mistral; `nbutils.embeddings`), which is the bridge's
 `hook_post` in both cases. The batches run through a plain Hugging Face model that shares the bridge's
-parameters, with PyTorch hooks that read the activation: the output of the MLP's activation module for GPT-2
-(`_HF_MLP_ACT`), the input of the down projection for every other family (found from the bridge's `mlp.out`).
-These are the same values as the bridge's `hook_post` (tested per family) without the bridge's per-hook-point
-work. When the plain model cannot be rebuilt from the bridge's parameters, the bridge's hooks are used.
+parameters, with PyTorch hooks on its activation modules (`nbutils.mlp_forward`), else the bridge's hooks. The
+keys and the merge are in `nbutils.topk`.
 
 Results are cached (see `nbutils.cache`): a folder per (model, corpus, settings) under the cache folder,
 with a checkpoint every `checkpoint_every` batches so an interrupted run resumes where it stopped.
@@ -46,13 +44,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nbutils import cache as _cache
+from nbutils import mlp_forward, topk
 from nbutils._validation import check_float_range, check_index_array, check_int_range, fail
 from nbutils.models import check_layer, check_neuron, check_windows, hook_name
 
 __all__ = ["CollectSettings", "TopActivations", "collect_top_activations", "collect_top_units", "merge",
            "neuron_activations"]
 
-_NO_WINDOW = -1  # window id of an empty slot (fewer windows seen than k)
 _FORMAT = 1  # bump when the stored state changes meaning
 
 
@@ -146,7 +144,7 @@ class TopActivations:
     def _keep(self) -> Tensor:
         """`[n_layers, d_mlp, k]` bool: the slots that are examples (filled, neuron alive, act >= frac * max)."""
         top = self.max_act[..., None]  # [n_layers, d_mlp, 1]
-        return (self.window != _NO_WINDOW) & (top > 0) & (self.act >= self.frac * top)
+        return (self.window != topk.NO_WINDOW) & (top > 0) & (self.act >= self.frac * top)
 
     @property
     def examples(self) -> pd.DataFrame:
@@ -200,157 +198,23 @@ class TopActivations:
 
 
 # --------------------------------------------------------------------------------------------------
-# The streaming merge
-
-
-_EMPTY = torch.iinfo(torch.int64).min  # order key of an empty slot: below every real one
-
-
-def _order_key(act: Float[Tensor, "*shape"], window: Int[Tensor, "*shape"]) -> Int[Tensor, "*shape"]:
-    """An int64 key ordering slots by act (desc) then window id (asc); empty slots (window -1) lowest.
-
-    The float32 bits are mapped to integers of the same order and shifted into the high 32 bits; the
-    inverted window id fills the low 32 bits. Keys are unique (a window gives a neuron one candidate), so
-    `topk` over them has no ties and the result does not depend on the order windows arrive in.
-    """
-    bits = act.float().contiguous().view(torch.int32)
-    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # same order as the floats
-    key = (bits.long() << 32) | (0xFFFFFFFF - window.clamp(min=0))
-    return key.masked_fill(window < 0, _EMPTY)
-
-
-def _decode_key(key: Int[Tensor, "*shape"]) -> tuple[Float[Tensor, "*shape"], Int[Tensor, "*shape"]]:
-    """Invert `_order_key`: (act, window), with (-inf, -1) for empty slots."""
-    bits = (key >> 32).to(torch.int32)
-    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # the mapping is its own inverse
-    act = bits.view(torch.float32).clone()
-    window = 0xFFFFFFFF - (key & 0xFFFFFFFF)
-    empty = key == _EMPTY
-    return act.masked_fill(empty, float("-inf")), window.masked_fill(empty, _NO_WINDOW)
-
-
-def _merge_topk(state: tuple[Tensor, Tensor], candidates: tuple[Tensor, Tensor], k: int) -> tuple[Tensor, Tensor]:
-    """Merge candidates into the running top-k, in place: one `topk` over the concatenated slots.
-
-    Args:
-        state: (key, pos) `[n_neurons, k]`, the running top-k of each neuron (unsorted).
-        candidates: (key, pos) `[n_neurons, batch]`.
-
-    Only the neurons with a candidate above their current k-th key take part: late in a long corpus most
-    batches change few neurons.
-    """
-    key, pos = state
-    cand_key, cand_pos = candidates
-    enters = (cand_key > key.amin(dim=-1, keepdim=True)).any(dim=-1)  # [n_neurons]
-    rows = torch.nonzero(enters).reshape(-1)
-    if rows.numel() == 0:
-        return state
-    if rows.numel() == key.shape[0]:
-        rows = slice(None)  # every neuron: no gather needed
-    both_key = torch.cat([key[rows], cand_key[rows]], dim=-1)  # [n_rows, k + batch]
-    both_pos = torch.cat([pos[rows], cand_pos[rows]], dim=-1)  # [n_rows, k + batch]
-    top_key, idx = torch.topk(both_key, k=k, dim=-1, sorted=False)
-    key[rows] = top_key
-    pos[rows] = both_pos.gather(-1, idx)
-    return state
-
-
-def _empty_state(n_neurons: int, k: int, device: Any) -> tuple[Tensor, Tensor]:
-    """(key, pos) `[n_neurons, k]` with every slot empty."""
-    return (torch.full((n_neurons, k), _EMPTY, dtype=torch.long, device=device),
-            torch.zeros((n_neurons, k), dtype=torch.int32, device=device))
-
-
-def _sorted_state(key: Tensor, pos: Tensor, n_layers: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(act, window, pos) `[n_layers, d_mlp, k]` on the CPU, each neuron's slots highest first."""
-    key, order = key.cpu().sort(dim=-1, descending=True)
-    pos = pos.cpu().gather(-1, order).long()
-    act, window = _decode_key(key)
-    return tuple(t.reshape(n_layers, -1, t.shape[-1]) for t in (act, window, pos))  # type: ignore[return-value]
+# One batch through the model
 
 
 class _StopForward(Exception):
     """Raised by the last layer's hook: nothing after the last MLP is needed."""
 
 
-# The Hugging Face module whose output is the bridge's `hook_post` (the neuron activation), per model type. Other
-# families read the input of the MLP's down projection (`_down_projection_paths`), which is the same tensor.
-_HF_MLP_ACT = {"gpt2": "transformer.h.{layer}.mlp.act"}
-
-
-@dataclass(frozen=True)
-class _Forward:
-    """How batches run: through the bridge's hooks, or through a plain Hugging Face model that shares the
-    bridge's parameters (same tensors, so edits to the bridge's weights are seen) with PyTorch forward hooks
-    on its MLP activation modules. The plain model skips the bridge's per-hook-point work (its LayerNorm
-    and attention re-implementations); a test checks that both give the same activations."""
-
-    model: Any
-    n_layers: int
-    plain: Any = None  # the plain Hugging Face model, or None for the bridge
-    act_modules: tuple = ()
-    reads_input: bool = False  # the activation is the modules' input (down projections), not their output
-
-    @property
-    def engine(self) -> str:
-        return "plain_hf" if self.plain is not None else "bridge"
-
-
-def _down_projection_paths(model: Any, inner: Any) -> list[str] | None:
-    """Hugging Face module path of each layer's MLP down projection (the bridge's `blocks[l].mlp.out`), whose
-    input is the neuron activation; `None` if the bridge does not expose one."""
-    names = {id(module): name.replace("._original_component", "") for name, module in inner.named_modules()}
-    try:
-        paths = [names.get(id(model.blocks[layer].mlp.out)) for layer in range(model.cfg.n_layers)]
-    except AttributeError:
-        return None
-    return None if None in paths else paths
-
-
-def _forward(model: Any, plain_hf: bool) -> _Forward:
-    """The plain path when asked for and the plain model shares every parameter with the bridge, else the bridge."""
-    n_layers = model.cfg.n_layers
-    inner = getattr(model, "original_model", None)
-    config = getattr(inner, "config", None)
-    if not plain_hf or config is None:
-        return _Forward(model, n_layers)
-    path = _HF_MLP_ACT.get(getattr(config, "model_type", None))
-    paths = [path.format(layer=layer) for layer in range(n_layers)] if path else _down_projection_paths(model, inner)
-    if paths is None:
-        return _Forward(model, n_layers)
-    import itertools
-
-    from transformers import AutoModelForCausalLM
-
-    tensors: dict[str, Tensor] = {}  # the bridge's parameters under their Hugging Face names
-    for name, t in itertools.chain(inner.named_parameters(remove_duplicate=False),
-                                   inner.named_buffers(remove_duplicate=False)):
-        tensors.setdefault(name.replace("._original_component", ""), t)
-    with torch.device("meta"):  # no memory, no initialisation: every tensor is assigned below
-        plain = AutoModelForCausalLM.from_config(config)
-    wanted = list(plain.state_dict())
-    if any(name not in tensors for name in wanted):
-        return _Forward(model, n_layers)
-    plain.load_state_dict({name: tensors[name] for name in wanted}, strict=True, assign=True)
-    for name, buffer in plain.named_buffers():  # non-persistent buffers (rotary inv_freq) are not in the state dict
-        if buffer.is_meta and name in tensors:
-            owner, _, attr = name.rpartition(".")
-            plain.get_submodule(owner)._buffers[attr] = tensors[name]
-    if any(t.is_meta for t in itertools.chain(plain.parameters(), plain.buffers())):
-        return _Forward(model, n_layers)
-    plain.eval()
-    modules = tuple(plain.get_submodule(p) for p in paths)
-    return _Forward(model, n_layers, plain, modules, reads_input=path is None)
-
-
-def _batch_candidates(forward: _Forward, batch: Tensor, first_window: int, floor: Tensor) -> tuple[Tensor, Tensor]:
+def _batch_candidates(
+    forward: mlp_forward.MlpForward, batch: Tensor, first_window: int, floor: Tensor
+) -> tuple[Tensor, Tensor]:
     """Run one batch up to the last MLP and reduce each layer's activations to one candidate per
     (neuron, window) on the device: the max over positions and where it is.
 
     Args:
-        floor: `[n_layers * d_mlp]` each neuron's lowest key in the running top-k (`_EMPTY` while a slot is free).
+        floor: `[n_layers * d_mlp]` each neuron's lowest key in the running top-k (`topk.EMPTY` while a slot is free).
 
-    Returns (key, pos) `[n_layers * d_mlp, batch]` (`_order_key`). The position is found only for candidates
+    Returns (key, pos) `[n_layers * d_mlp, batch]` (`topk.order_key`). The position is found only for candidates
     whose key is above their neuron's `floor` (the only ones that can enter the top-k); it is 0 elsewhere.
     Raises `ValueError` on NaN or inf.
     """
@@ -365,7 +229,7 @@ def _batch_candidates(forward: _Forward, batch: Tensor, first_window: int, floor
             d_mlp = act.shape[-1]
             top = act.amax(dim=1).float().T  # [d_mlp, batch]; amax is far cheaper than max with indices
             _check_finite(top, first_window)
-            key = _order_key(top, ids.expand_as(top))  # [d_mlp, batch]
+            key = topk.order_key(top, ids.expand_as(top))  # [d_mlp, batch]
             enters = key > floor[layer * d_mlp : (layer + 1) * d_mlp, None]  # [d_mlp, batch]
             if enters.float().mean() > 0.5:  # early in the corpus most candidates enter: one reduction for all
                 pos = act.max(dim=1).indices.T.to(torch.int32)  # [d_mlp, batch]
@@ -459,7 +323,7 @@ def collect_top_activations(
     checkpoint_every = check_int_range("checkpoint_every", checkpoint_every, 1, 2**31 - 1)
     n_windows = windows.shape[0]
     ids = {"model_id": _cache.model_fingerprint(model), "corpus_id": _cache.tensor_fingerprint(windows)}
-    forward = _forward(model, plain_hf)
+    forward = mlp_forward.mlp_forward(model, plain_hf)
     ranges = ((window_offset, window_offset + n_windows),)
     run = None
     if use_cache:
@@ -471,16 +335,16 @@ def collect_top_activations(
             state = _read_state(run, run.result_path, finished[0], model, settings.k)
             return TopActivations(*state, settings=settings, n_windows=n_windows, window_ranges=ranges, **ids)
     n_layers, n_neurons = model.cfg.n_layers, model.cfg.n_layers * model.cfg.d_mlp
-    state, done = _empty_state(n_neurons, settings.k, _device(model)), 0
+    state, done = topk.empty_state(n_neurons, settings.k, _device(model)), 0
     if run is not None:
         partial = run.load_checkpoint()
         if partial is not None:
             table, done = partial
             act, window, pos = _read_state(run, run.checkpoint_path, table, model, settings.k)
-            state = (_order_key(act, window).reshape(n_neurons, -1).to(_device(model)),
+            state = (topk.order_key(act, window).reshape(n_neurons, -1).to(_device(model)),
                      pos.reshape(n_neurons, -1).to(torch.int32).to(_device(model)))
     state = _stream(forward, windows, state, done, settings, window_offset, checkpoint_every, run, progress)
-    result = _sorted_state(*state, n_layers)
+    result = topk.sorted_state(*state, n_layers)
     if run is not None:
         run.save_finished(_state_table(*result), {"n_layers": n_layers, "d_mlp": model.cfg.d_mlp})
     return TopActivations(*result, settings=settings, n_windows=n_windows, window_ranges=ranges, **ids)
@@ -517,7 +381,7 @@ def collect_top_units(
     from tqdm.auto import tqdm
 
     n_windows, n_pos = windows.shape
-    key, pos = _empty_state(n_units, settings.k, "cpu")
+    key, pos = topk.empty_state(n_units, settings.k, "cpu")
     bar = tqdm(total=n_windows * n_pos, unit="tok", unit_scale=True, desc=desc, disable=not progress)
     with torch.inference_mode():
         for start in range(0, n_windows, settings.batch_size):
@@ -529,18 +393,18 @@ def collect_top_units(
             top, where = acts.max(dim=1)  # [batch, n_units]
             _check_finite(top.T, start)
             ids = torch.arange(start, start + batch.shape[0])[:, None].expand_as(top)  # [batch, n_units]
-            candidates = (_order_key(top.T, ids.T), where.T.to(torch.int32))  # [n_units, batch] each
-            key, pos = _merge_topk((key, pos), candidates, settings.k)
+            candidates = (topk.order_key(top.T, ids.T), where.T.to(torch.int32))  # [n_units, batch] each
+            key, pos = topk.merge_topk((key, pos), candidates, settings.k)
             bar.update(batch.numel())
     bar.close()
-    act, window, position = _sorted_state(key, pos, 1)
+    act, window, position = topk.sorted_state(key, pos, 1)
     return TopActivations(act, window, position, settings=settings, n_windows=n_windows,
                           window_ranges=((0, n_windows),), corpus_id=_cache.tensor_fingerprint(windows),
                           layers=(int(layer),))
 
 
 def _stream(
-    forward: _Forward,
+    forward: mlp_forward.MlpForward,
     windows: Int[Tensor, "n_windows window"],
     state: tuple[Tensor, Tensor],
     done: int,
@@ -562,11 +426,11 @@ def _stream(
             for i, start in enumerate(range(done, n_windows, settings.batch_size)):
                 batch = windows[start : start + settings.batch_size].to(device)  # [batch, window]
                 floor = state[0].amin(dim=-1)  # [n_neurons]
-                state = _merge_topk(state, _batch_candidates(forward, batch, window_offset + start, floor), settings.k)
+                state = topk.merge_topk(state, _batch_candidates(forward, batch, window_offset + start, floor), settings.k)
                 bar.update(batch.numel())
                 stop = start + batch.shape[0]
                 if run is not None and (i + 1) % checkpoint_every == 0 and stop < n_windows:
-                    run.save_checkpoint(_state_table(*_sorted_state(*state, forward.n_layers)), stop)
+                    run.save_checkpoint(_state_table(*topk.sorted_state(*state, forward.n_layers)), stop)
     finally:
         bar.close()
     return state
@@ -578,7 +442,7 @@ def _stream(
 
 def _state_table(act: Tensor, window: Tensor, pos: Tensor) -> pd.DataFrame:
     """The state `[n_layers, d_mlp, k]` as a table `layer, neuron, rank, window, pos, act` of its filled slots."""
-    filled = window != _NO_WINDOW
+    filled = window != topk.NO_WINDOW
     layer, neuron, rank = torch.nonzero(filled, as_tuple=True)
     return pd.DataFrame({"layer": layer.numpy().astype(np.int32), "neuron": neuron.numpy().astype(np.int32),
                          "rank": rank.numpy().astype(np.int32), "window": window[filled].numpy(),
@@ -589,7 +453,7 @@ def _state_from_table(table: pd.DataFrame, n_layers: int, d_mlp: int, k: int) ->
     """Inverse of `_state_table`: (act, window, pos) `[n_layers, d_mlp, k]`."""
     shape = (n_layers, d_mlp, k)
     act = torch.full(shape, float("-inf"))
-    window = torch.full(shape, _NO_WINDOW, dtype=torch.long)
+    window = torch.full(shape, topk.NO_WINDOW, dtype=torch.long)
     pos = torch.zeros(shape, dtype=torch.long)
     index = tuple(torch.tensor(table[c].to_numpy(np.int64)) for c in ("layer", "neuron", "rank"))
     windows = torch.tensor(table["window"].to_numpy(np.int64))
@@ -637,10 +501,10 @@ def merge(a: TopActivations, b: TopActivations) -> TopActivations:
     n_layers, d_mlp, k = a.act.shape
 
     def flat(top: TopActivations) -> tuple[Tensor, Tensor]:
-        return (_order_key(top.act, top.window).reshape(n_layers * d_mlp, k),  # [n_neurons, k]
+        return (topk.order_key(top.act, top.window).reshape(n_layers * d_mlp, k),  # [n_neurons, k]
                 top.pos.reshape(n_layers * d_mlp, k).to(torch.int32))
 
-    state = _sorted_state(*_merge_topk(flat(a), flat(b), k), n_layers)
+    state = topk.sorted_state(*topk.merge_topk(flat(a), flat(b), k), n_layers)
     ranges = tuple(sorted(a.window_ranges + b.window_ranges))
     corpus_id = _cache.text_fingerprint(json.dumps(sorted([a.corpus_id, b.corpus_id])))
     return TopActivations(*state, settings=a.settings, n_windows=a.n_windows + b.n_windows,

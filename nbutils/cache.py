@@ -34,7 +34,7 @@ from torch import Tensor
 
 from nbutils import _env
 
-__all__ = ["CACHE_FORMAT", "CacheError", "Run", "model_fingerprint", "tensor_fingerprint", "text_fingerprint"]
+__all__ = ["CACHE_FORMAT", "CacheError", "Run", "file_fingerprint", "model_fingerprint", "tensor_fingerprint", "text_fingerprint"]
 
 CACHE_FORMAT = 2  # part of every run's key; bump when the layout of a run folder changes
 _PROGRESS_KEY = b"nbutils_progress"
@@ -48,6 +48,15 @@ class CacheError(RuntimeError):
 def text_fingerprint(text: str) -> str:
     """SHA-256 hex digest of a string."""
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """SHA-256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
 
 
 def _update_with_tensor(hasher: Any, t: Tensor) -> None:

@@ -75,7 +75,6 @@ __all__ = [
     "POLYSEMY_COLUMNS",
     "LayerExamples",
     "layer_examples",
-    "mlp_activation",
 ]
 
 METHODS: tuple[str, ...] = ("adaptive", "local", "agglomerative", "threshold", "hdbscan", "leiden")
@@ -584,19 +583,3 @@ def polysemy_table(
             rows.append((layer, neuron, n, len(sizes), int((sizes == 1).sum()), effective_n_clusters(labels),
                          _mono_from_similarity(sim), int(sizes[0]), False))
     return pd.DataFrame(rows, columns=list(POLYSEMY_COLUMNS))
-
-
-def mlp_activation(model: Any, pre: np.ndarray, up: np.ndarray | None = None) -> np.ndarray:
-    """Neuron activations from pre-activations, as the down projection reads them: `act(pre)` for a plain MLP;
-    for a gated MLP `pre` is the gate g and `up` the up projection u (`embeddings.pre_activations(...,
-    kind="up")`), giving `act(g) * u`. From pre-MLP vectors, `embeddings.neuron_outputs` does both in one step."""
-    import torch
-
-    from nbutils import embeddings
-    from nbutils.models import is_gated
-
-    if is_gated(model) and up is None:
-        fail("up", "be given for a gated MLP (the neuron's activation is act(gate) * up)", "None",
-             "Read it with `embeddings.pre_activations(..., kind='up')`, or use `embeddings.neuron_outputs`.")
-    out = embeddings.activation_fn(model)(torch.as_tensor(np.asarray(pre, dtype=np.float64))).numpy()
-    return out * np.asarray(up, dtype=np.float64) if is_gated(model) else out

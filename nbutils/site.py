@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from nbutils import cache as _cache
 from nbutils._validation import check_path, fail
 
 __all__ = ["BLOCK", "SITE_FORMAT", "export_site", "site_bytes"]
@@ -207,13 +208,6 @@ def _copy(src: Path, dst: Path) -> str:
     return digest.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def _check_out(out: Any) -> Path:
     """`out`: a folder that does not exist, is empty, or holds an earlier export; its parent must be writable."""
@@ -354,7 +348,7 @@ def _write_site(at: Any, root: Path, *, progress: bool) -> None:
     for file in sorted(root.rglob("*")):
         name = file.relative_to(root).as_posix()
         if file.is_file() and name not in files:
-            files[name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+            files[name] = {"bytes": file.stat().st_size, "sha256": _cache.file_fingerprint(file)}
     (root / "site.json").write_text(json.dumps({
         "generator": _MARKER, "format": SITE_FORMAT, "atlas_key": m["key_hash"], "model": m["model"]["name"],
         "layers": list(at.layers), "d_mlp": d_mlp, "block": BLOCK,

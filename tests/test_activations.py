@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from nbutils import activations, cache, models
+from nbutils import activations, cache, mlp_forward, models, topk
 from nbutils.activations import collect_top_activations, merge
 
 K, FRAC, BATCH = 8, 0.5, 16  # 48 windows -> 3 batches
@@ -159,14 +159,14 @@ def test_fewer_windows_than_k(model, windows):
 def test_order_key_sorts_by_act_then_window():
     act = torch.tensor([0.5, -0.25, 0.5, 0.0, -0.0, 2.0, -3.0, 0.5])
     window = torch.tensor([7, 1, 3, 4, 5, 0, 2, -1])  # the last slot is empty
-    key = activations._order_key(act, window)
+    key = topk.order_key(act, window)
     order = torch.argsort(key, descending=True).tolist()
     # hand ranking: 2.0 (w0); 0.5 (w3 before w7); 0.0 (w4); -0.0 (w5); -0.25; -3.0; empty slot last
     assert order == [5, 2, 0, 3, 4, 1, 6, 7]
 
 
 def test_plain_forward_matches_bridge_hooks(model, windows, full_acts):
-    forward = activations._forward(model, plain_hf=True)
+    forward = mlp_forward.mlp_forward(model, plain_hf=True)
     assert forward.engine == "plain_hf"  # the default model is GPT-2: the fast path is used
     bridge_storage = {p.data_ptr() for p in model.parameters()}
     assert all(p.data_ptr() in bridge_storage for p in forward.plain.parameters())  # shared, not copied
@@ -181,7 +181,7 @@ def test_plain_forward_matches_bridge_hooks(model, windows, full_acts):
             handle.remove()
     for layer in range(model.cfg.n_layers):  # the plain module's output is the bridge's hook_post
         torch.testing.assert_close(outs[layer], full_acts[layer], rtol=1e-5, atol=1e-5)
-    assert activations._forward(model, plain_hf=False).engine == "bridge"
+    assert mlp_forward.mlp_forward(model, plain_hf=False).engine == "bridge"
 
 
 def test_engines_agree(model, windows, top):
@@ -195,7 +195,7 @@ def test_engines_agree(model, windows, top):
 def test_order_key_round_trip():
     act = torch.tensor([1.5, -0.0, -7.25, float("-inf"), 3e-39, 0.0])
     window = torch.tensor([0, 12, 2**31, -1, 5, 2**32 - 1])
-    back_act, back_window = activations._decode_key(activations._order_key(act, window))
+    back_act, back_window = topk.decode_key(topk.order_key(act, window))
     assert torch.equal(back_window, window)
     assert torch.equal(back_act.view(torch.int32), act.view(torch.int32))  # bit for bit, -0.0 and subnormals too
 
@@ -208,12 +208,12 @@ def test_streaming_merge_equals_topk_of_union():
     acts[3, 30] = 50.0  # ... except one neuron
     acts[7, 10] = acts[7, 11] = 2.0  # a tie: the lower window wins
     pos = torch.randint(0, 9, (n_neurons, 40), generator=gen, dtype=torch.int32)
-    state = activations._empty_state(n_neurons, k, "cpu")
+    state = topk.empty_state(n_neurons, k, "cpu")
     for start in range(0, 40, batch):
         ids = torch.arange(start, start + batch).expand(n_neurons, batch)
-        cand = (activations._order_key(acts[:, start : start + batch], ids), pos[:, start : start + batch])
-        state = activations._merge_topk(state, cand, k)
-    act, window, got_pos = activations._sorted_state(*state, n_layers=1)
+        cand = (topk.order_key(acts[:, start : start + batch], ids), pos[:, start : start + batch])
+        state = topk.merge_topk(state, cand, k)
+    act, window, got_pos = topk.sorted_state(*state, n_layers=1)
     order = torch.argsort(acts, dim=-1, descending=True, stable=True)[:, :k]  # stable: lower window first
     assert torch.equal(window[0], order)
     assert torch.equal(act[0], acts.gather(-1, order))
@@ -272,7 +272,7 @@ def test_cache_is_reused(model, windows, top, tmp_path, monkeypatch):
 
 
 def test_interrupted_run_resumes(model, windows, top, tmp_path, monkeypatch):
-    original = activations._merge_topk
+    original = topk.merge_topk
     merges: list[int] = []
 
     def failing(state, candidates, k):
@@ -281,10 +281,10 @@ def test_interrupted_run_resumes(model, windows, top, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(state, candidates, k)
 
-    monkeypatch.setattr(activations, "_merge_topk", failing)
+    monkeypatch.setattr(topk, "merge_topk", failing)
     with pytest.raises(KeyboardInterrupt):
         _collect(model, windows, use_cache=True, cache_dir=tmp_path, checkpoint_every=1)
-    monkeypatch.setattr(activations, "_merge_topk", original)
+    monkeypatch.setattr(topk, "merge_topk", original)
     folder = next((tmp_path / "top_activations").iterdir())
     assert (folder / "checkpoint.parquet").exists() and not (folder / "result.parquet").exists()
 
@@ -357,7 +357,7 @@ def test_folder_of_other_settings_raises(model, windows, tmp_path):
 
 
 def test_corrupt_checkpoint_raises(model, windows, tmp_path, monkeypatch):
-    monkeypatch.setattr(activations, "_merge_topk", _fail_on_second(activations._merge_topk))
+    monkeypatch.setattr(topk, "merge_topk", _fail_on_second(topk.merge_topk))
     with pytest.raises(KeyboardInterrupt):
         _collect(model, windows, use_cache=True, cache_dir=tmp_path, checkpoint_every=1)
     monkeypatch.undo()

@@ -60,7 +60,7 @@ def test_clusters_equal_clustering_of_independent_embeddings(built, model, windo
         # the invariant: the embeddings reproduce the stored activations through the neuron's own bias
         _, b = embeddings.mlp_in_weights(model, layer)
         pre = e.sum(1) + float(b[neuron])
-        np.testing.assert_allclose(clustering.mlp_activation(model, pre), ex["act"], atol=1e-4)
+        np.testing.assert_allclose(embeddings.mlp_activation(model, pre), ex["act"], atol=1e-4)
         labels = clustering.cluster(e)
         np.testing.assert_array_equal(ex["cluster"].to_numpy(), labels)
         centres = clustering.central_example(e, labels)

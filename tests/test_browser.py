@@ -128,8 +128,11 @@ def _require_chromium() -> None:
 
 
 @contextmanager
-def chromium() -> Iterator[object]:
-    """Headless Debian Chromium driven by selenium, with a fresh profile folder."""
+def chromium(*, logs: bool = False) -> Iterator[object]:
+    """Headless Debian Chromium driven by selenium, with a fresh profile folder.
+
+    Without `logs`, `get` returns at once and the tests poll for what they need (Voilà streams); with `logs`,
+    pages load fully before `get` returns and the console and network logs are kept."""
     _require_chromium()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -137,7 +140,10 @@ def chromium() -> Iterator[object]:
     profile = tempfile.mkdtemp(prefix="ne-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    options.page_load_strategy = "none"  # `get` returns at once; the tests poll for what they need (Voilà streams)
+    if logs:
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    else:
+        options.page_load_strategy = "none"
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)

@@ -8,7 +8,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from nbutils import activations, cache
+from nbutils import activations, cache, topk
 
 SETTINGS = dict(k=6, frac=0.5, batch_size=8, progress=False)
 
@@ -23,7 +23,7 @@ def _folders(root):
 
 def _interrupted(model, windows, cache_dir, monkeypatch, **kwargs):
     """Collect until the second batch, then stop as a KeyboardInterrupt would: a checkpoint is left behind."""
-    original, calls = activations._merge_topk, []
+    original, calls = topk.merge_topk, []
 
     def failing(state, candidates, k):
         calls.append(1)
@@ -33,7 +33,7 @@ def _interrupted(model, windows, cache_dir, monkeypatch, **kwargs):
 
     before = set(_folders(cache_dir)) if (cache_dir / "top_activations").exists() else set()
     with monkeypatch.context() as patch:
-        patch.setattr(activations, "_merge_topk", failing)
+        patch.setattr(topk, "merge_topk", failing)
         with pytest.raises(KeyboardInterrupt):
             _collect(model, windows, cache_dir, checkpoint_every=1, **kwargs)
     (new,) = set(_folders(cache_dir)) - before

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nbutils import clustering, evaluation
+from nbutils import clustering, embeddings, evaluation
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,6 +169,16 @@ def test_default_holds_on_every_planted_family():
     assert summary.meets_target.all()  # measured (60 draws per family): every family meets it
 
 
+def test_family_scores_do_not_depend_on_the_number_of_workers():
+    import pandas as pd
+
+    grid = {"local": [0.75], "agglomerative": [0.5]}
+    alone = evaluation.score_families(grid, n_draws=3, seed=2, workers=1)
+    pooled = evaluation.score_families(grid, n_draws=3, seed=2, workers=2)
+    assert len(alone) == len(evaluation.FAMILIES) * 3 * 2
+    pd.testing.assert_frame_equal(alone, pooled)
+
+
 # ------------------------------------------------------------------------------------------------
 # virtual neurons on the default model
 
@@ -178,8 +188,17 @@ def virtual(model, windows, top):
     return evaluation.make_virtual_neurons(model, windows, top, LAYER, 6, min_examples=4, seed=0)
 
 
+def test_virtual_neurons_from_the_polysemy_table_read_only_the_top_examples(model, windows, top, virtual):
+    """Given the layer's polysemy table, `make_virtual_neurons` reads h at the sources' top examples only; the
+    sources and weights are those made from every example's h."""
+    table = clustering.polysemy_table(model, windows, top, LAYER)
+    light = evaluation.make_virtual_neurons(model, windows, top, LAYER, 6, min_examples=4, seed=0, table=table)
+    assert light.sources[["virtual", "neuron", "token"]].equals(virtual.sources[["virtual", "neuron", "token"]])
+    np.testing.assert_allclose(light.sources.scale, virtual.sources.scale, rtol=1e-5)
+    np.testing.assert_allclose(light.W, virtual.W, rtol=1e-5, atol=1e-7)
+
+
 def test_virtual_neurons_read_their_sources(model, windows, top, virtual):
-    from nbutils import embeddings
 
     src = virtual.sources
     assert virtual.n_virtual >= 3 and src.groupby("virtual").size().between(2, 4).all()
@@ -205,7 +224,7 @@ def test_collect_virtual_examples_matches_brute_force(model, windows, virtual):
     with torch.inference_mode():
         _, cache = model.run_with_cache(windows, names_filter=[name])
     pre = cache[name].double().numpy() @ virtual.W + virtual.b  # [n_windows, n_pos, n_virtual]
-    act = clustering.mlp_activation(model, pre.max(axis=1))  # [n_windows, n_virtual] best position per window
+    act = embeddings.mlp_activation(model, pre.max(axis=1))  # [n_windows, n_virtual] best position per window
     for v in range(virtual.n_virtual):
         order = np.argsort(-act[:, v], kind="stable")[:6]
         keep = order[act[order, v] >= 0.5 * act[order[0], v]]

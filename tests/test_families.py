@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from nbutils import _env, activations, clustering, embeddings, explorer, models
+from nbutils import _env, activations, clustering, embeddings, explorer, mlp_forward, models
 
 TOL = 1e-4  # float32: sums of 64 products of O(1) numbers
 D_MODEL, N_LAYERS, D_MLP, N_CTX = 64, 2, 128, 64
@@ -98,7 +98,7 @@ def test_family_is_recognised(fam):
     model = fam["model"]
     assert models.is_gated(model) == (fam["name"] in GATED)
     assert embeddings.embedding_kind(model) == ("gate" if fam["name"] in GATED else "in")
-    assert activations._forward(model, plain_hf=True).engine == "plain_hf"  # the fast path is used on every family
+    assert mlp_forward.mlp_forward(model, plain_hf=True).engine == "plain_hf"  # the fast path is used on every family
     kinds = ("mlp_in", "ln_normalized", "pre", "post") + (("pre_linear",) if models.is_gated(model) else ())
     for layer in range(model.cfg.n_layers):
         for kind in kinds:
@@ -196,7 +196,7 @@ def test_norm_fold_against_the_models_hooks(fam):
 
 
 def test_neuron_outputs_are_hook_post(fam):
-    """`embeddings.neuron_outputs` (from h, tensor or numpy) and `clustering.mlp_activation` give `hook_post`."""
+    """`embeddings.neuron_outputs` (from h, tensor or numpy) and `embeddings.mlp_activation` give `hook_post`."""
     model, windows = fam["model"], fam["windows"]
     wid, pos = _examples(windows, n=16, seed=4)
     for layer in range(model.cfg.n_layers):
@@ -205,7 +205,7 @@ def test_neuron_outputs_are_hook_post(fam):
         torch.testing.assert_close(embeddings.neuron_outputs(model, layer, h), read["post"], atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(embeddings.neuron_outputs(model, layer, h.numpy()), read["post"].numpy(), atol=1e-5)
         up = embeddings.pre_activations(model, windows, layer, wid, pos, kind="up").numpy() if fam["name"] in GATED else None
-        np.testing.assert_allclose(clustering.mlp_activation(model, read["pre"].numpy(), up), read["post"].numpy(),
+        np.testing.assert_allclose(embeddings.mlp_activation(model, read["pre"].numpy(), up), read["post"].numpy(),
                                    atol=1e-5)
 
 
@@ -264,7 +264,7 @@ def test_bad_kind_and_post_norm_fold(loaded, family_dirs):
     with pytest.raises(ValueError, match=r"`kind` must be one of 'gate', 'up', 'both' for this model"):
         embeddings.mlp_in_weights(llama, 0, kind="in")
     with pytest.raises(ValueError, match=r"`up` must be given for a gated MLP"):
-        clustering.mlp_activation(llama, np.zeros((2, 3)))
+        embeddings.mlp_activation(llama, np.zeros((2, 3)))
     post = models.load_model(family_dirs["opt_post_norm"])  # OPT-350m style: the norm comes after the MLP
     windows = torch.randint(0, post.cfg.d_vocab, (4, 8), generator=torch.Generator().manual_seed(0))  # [4, 8]
     with pytest.raises(ValueError, match=r"`fold_ln` must be False for this model"):

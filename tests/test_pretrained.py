@@ -6,6 +6,7 @@ converted folder, and once from the GGUF file), never through `nbutils`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import zipfile
@@ -178,6 +179,10 @@ def test_damaged_wheel_is_a_cache_error_and_is_kept(tmp_path):
     assert wheel.read_bytes() == b"PK\x03\x04 not the wheel"
 
 
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _fake_converted(tmp_path):
     """A converted folder's layout with small files and a valid record (the checks do not depend on sizes)."""
     spec = pretrained.PRETRAINED[NAME]
@@ -185,7 +190,7 @@ def _fake_converted(tmp_path):
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(b"weights")
-    files = {p.name: pretrained._sha256(p) for p in sorted(folder.iterdir())}
+    files = {p.name: _sha256(p) for p in sorted(folder.iterdir())}
     record = {**pretrained._converted_record(spec), "files": files}
     (folder / "conversion.json").write_text(json.dumps(record))
     return folder
@@ -238,7 +243,7 @@ def test_interrupted_conversion_leaves_no_folder_and_restarts(tmp_path, monkeypa
     def convert(wheel, spec, out):
         calls.append(out)
         (out / "config.json").write_text("{}")
-        files = {"config.json": pretrained._sha256(out / "config.json")}
+        files = {"config.json": _sha256(out / "config.json")}
         (out / "conversion.json").write_text(json.dumps({**pretrained._converted_record(spec), "files": files}))
 
     monkeypatch.setattr(pretrained, "_convert", convert)

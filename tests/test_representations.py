@@ -55,6 +55,18 @@ def test_train_dictionary_reconstructs(dictionary):
     assert fvu < 0.2, fvu  # a sparse code of one-atom inputs; measured 0.005
 
 
+def test_dictionaries_in_workers_are_the_ones_trained_alone():
+    rng = np.random.default_rng(3)
+    hs = [rng.normal(size=(300, 8)), rng.normal(size=(200, 8)) * 2.0, rng.normal(size=(250, 8)) + 1.0]
+    alone = [representations.train_dictionary(h, expansion=2, steps=60, seed=4) for h in hs]
+    together = representations.train_dictionaries(hs, expansion=2, steps=60, seed=4, workers=2)
+    for a, b in zip(alone, together):
+        for name, value in a.state_dict().items():
+            assert torch.equal(value, b.state_dict()[name]), name
+    with pytest.raises(ValueError, match=r"hs\[1\]"):
+        representations.train_dictionaries([hs[0], np.zeros(8)], workers=1)
+
+
 def test_representation_errors(dictionary):
     h = np.zeros((4, 16))
     with pytest.raises(ValueError, match=r"`w` must be one weight per column of `h`, shape \(16,\); got shape \(3,\)"):

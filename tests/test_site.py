@@ -26,7 +26,7 @@ import pytest
 from nbutils import atlas, site
 from nbutils.__main__ import main as cli
 from nbutils.cache import CacheError
-from test_browser import CHROMEDRIVER, CHROMIUM, CHROMIUM_FLAGS, _require_chromium, _stop
+from test_browser import _require_chromium, _stop, chromium
 
 LAYERS = [0, 2]
 
@@ -149,29 +149,6 @@ def test_an_interrupted_export_leaves_no_site_and_keeps_an_earlier_one(built, tm
 
 
 @contextmanager
-def chromium_with_log() -> Iterator[object]:
-    """Headless Chromium that keeps the console and network logs; pages load fully before `get` returns."""
-    _require_chromium()
-    import tempfile
-
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="ne-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-@contextmanager
 def http_server(folder: Path) -> Iterator[str]:
     """`python -m http.server` on 127.0.0.1 serving `folder`; stopped by its process id."""
     with socket.socket() as sock:
@@ -272,7 +249,7 @@ def test_the_site_in_chromium(built, exported, how):
     neurons = at.sql("SELECT layer, neuron FROM features GROUP BY layer, neuron ORDER BY count(*) DESC, layer, neuron")
     sample = [tuple(map(int, r)) for r in neurons.groupby("layer").head(2).itertuples(index=False)]
     with (http_server(exported) if how == "http" else nullcontext(exported.as_uri() + "/")) as root, \
-            chromium_with_log() as driver:
+            chromium(logs=True) as driver:
         driver.get_log("performance")  # the browser's own start-up requests are not the site's
         started = time.time()
         driver.get(root + "index.html")

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from nbutils import clustering, viz
+from nbutils import _env, clustering, viz
 from nbutils._validation import check_int_range
 from nbutils.atlas.labels import token_labels, vocab_of
 from nbutils.atlas.settings import TEXT_CONTEXT, AtlasSettings, LayerTables
@@ -276,8 +276,7 @@ def cluster_layer(lx: clustering.LayerExamples, settings: AtlasSettings, *, work
     """
     d_mlp = len(lx.bounds) - 1
     if workers is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = cores if len(lx.examples) * lx.h.shape[1] >= PARALLEL_MIN_VALUES else 1
+        workers = _env.available_cores() if len(lx.examples) * lx.h.shape[1] >= PARALLEL_MIN_VALUES else 1
     workers = check_int_range("workers", workers, 1, 1024)
     if workers == 1:
         return _cluster_neurons(lx, settings, 0, d_mlp)

@@ -103,6 +103,9 @@ def _grid_rows(e: np.ndarray, truth: np.ndarray, grid: dict[str, list[float]]) -
     return rows
 
 
+PARALLEL_MIN_DRAWS = 60  # fewer draws in all are scored in process unless `workers` is given: workers take seconds to start
+
+
 def score_families(
     grid: dict[str, list[float]] | None = None,
     *,
@@ -110,26 +113,49 @@ def score_families(
     n_draws: int = 36,
     seed: int = 0,
     progress: bool = False,
+    workers: int | None = None,
 ) -> pd.DataFrame:
     """Score every (method, threshold) of `grid` on `n_draws` draws of every family.
+
+    `workers` processes (default: one per core from `PARALLEL_MIN_DRAWS` draws in all, else 1) take the draws;
+    each is clustered on one thread, so the table does not depend on the number of workers.
 
     Returns:
         DataFrame, one row per (family, draw, method, threshold): `family, draw, n_features, method,
         threshold, n_clusters, ari, homogeneity, completeness, v_measure, whole` (`score_labels`; outliers
         count as their own labels).
     """
-    from threadpoolctl import threadpool_limits
     from tqdm.auto import tqdm
 
+    from nbutils._env import available_cores
+
     grid = _check_grid(grid)
-    rows = []
+    draws = [(family.name, draw, p) for family in families for draw, p in enumerate(family_draws(family, n_draws, seed=seed))]
+    if workers is None:
+        workers = available_cores() if len(draws) >= PARALLEL_MIN_DRAWS else 1
+    workers = check_int_range("workers", workers, 1, 1024)
+    bar = tqdm(total=len(draws), desc="planted draws", disable=not progress)
+    if workers == 1:
+        per_draw = []
+        for _, _, p in draws:
+            per_draw.append(_draw_rows(p.e, p.labels, grid))
+            bar.update()
+    else:
+        from joblib import Parallel, delayed
+
+        per_draw = Parallel(n_jobs=workers, backend="loky")(delayed(_draw_rows)(p.e, p.labels, grid) for _, _, p in draws)
+        bar.update(len(draws))
+    bar.close()
+    return pd.DataFrame([dict(family=name, draw=draw, n_features=p.n_features, **row)
+                         for (name, draw, p), rows in zip(draws, per_draw) for row in rows])
+
+
+def _draw_rows(e: np.ndarray, truth: np.ndarray, grid: dict[str, list[float]]) -> list[dict]:
+    """`_grid_rows` on one thread (a worker of `score_families`)."""
+    from threadpoolctl import threadpool_limits
+
     with threadpool_limits(1):
-        for family in families:
-            for draw, p in enumerate(tqdm(family_draws(family, n_draws, seed=seed), desc=family.name,
-                                          disable=not progress)):
-                for row in _grid_rows(p.e, p.labels, grid):
-                    rows.append(dict(family=family.name, draw=draw, n_features=p.n_features, **row))
-    return pd.DataFrame(rows)
+        return _grid_rows(e, truth, grid)
 
 
 def _check_grid(grid: dict[str, list[float]] | None) -> dict[str, list[float]]:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from nbutils import clustering
+from nbutils import clustering, embeddings
 from nbutils._validation import check_choice, check_int_range
 
 from nbutils.evaluation.method_choice import DEFAULT_GRID
@@ -96,7 +96,6 @@ def compare_spaces(
     """
     from sklearn.metrics import adjusted_mutual_info_score
 
-    from nbutils import embeddings
     from nbutils.models import check_neuron
 
     method = check_choice("method", clustering.DEFAULT_METHOD if method is None else method, clustering.METHODS)
@@ -116,7 +115,7 @@ def compare_spaces(
         pre = embeddings.pre_activations(model, windows, lx.layer, np.repeat(w, pattern)[valid.reshape(-1)],
                                          pos[valid])[:, neuron].numpy()  # [n_valid]
         acts = np.zeros(pos.shape)
-        acts[valid] = clustering.mlp_activation(model, pre)
+        acts[valid] = embeddings.mlp_activation(model, pre)
         spaces = {"embedding": lx.embeddings(neuron), "h": lx.h[lx.rows(neuron)], "pattern": acts}
         token = windows_np[w, p]
         prev = np.where(p > 0, windows_np[w, np.maximum(p - 1, 0)], -1)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from nbutils import clustering
+from nbutils import clustering, embeddings, topk
 from nbutils._validation import check_choice, check_float_range, check_int_range, fail
 
 from nbutils.evaluation.method_choice import _check_grid, score_labels
@@ -135,27 +135,39 @@ def make_virtual_neurons(
     Raises:
         ValueError: fewer than two compatible sources.
     """
-    from nbutils import embeddings
-    from nbutils.models import check_layer, is_gated
+    from nbutils.models import check_layer, check_windows, is_gated
 
     layer = check_layer(model, layer)
     gated = is_gated(model)
     n_virtual = check_int_range("n_virtual", n_virtual, 1, 100_000)
     lo = check_int_range("n_sources", n_sources[0], 2, 8)
     hi = check_int_range("n_sources", n_sources[1], lo, 8)
-    lx = examples if examples is not None else clustering.layer_examples(model, windows, top, layer)
-    table = table if table is not None else clustering.polysemy_table(model, windows, top, layer, examples=lx)
+    if examples is None and table is None:
+        examples = clustering.layer_examples(model, windows, top, layer)
+    table = table if table is not None else clustering.polysemy_table(model, windows, top, layer, examples=examples)
     mono = table[~table.dead & (table.n_examples >= min_examples) & (table.effective_clusters > 0)
                  & (table.effective_clusters <= MONOSEMANTIC_CLUSTERS)].neuron.to_numpy()
-    window_col, pos_col, tokens = lx.examples.window.to_numpy(), lx.examples.pos.to_numpy(), windows.numpy()
-    if gated:  # lx.W, lx.b are the gate's (the default kind); the up projection in the same convention
+    if examples is not None:
+        ex, bounds, W, b = examples.examples, examples.bounds, examples.W, examples.b
+        h_top = examples.h[examples.inverse[bounds[mono]]]  # [n_mono, d_model] at each one's top example
+    else:  # with the polysemy at hand, only the sources' top examples are read (each window up to that position)
+        clustering._check_top(model, top)
+        windows = check_windows(model, windows)
+        ex = clustering._layer_examples(top, windows, layer)
+        bounds = np.searchsorted(ex["neuron"].to_numpy(), np.arange(model.cfg.d_mlp + 1))
+        first = bounds[mono][bounds[mono] < bounds[mono + 1]]  # top example rows of the candidates with examples
+        mono = mono[bounds[mono] < bounds[mono + 1]]
+        h_top = clustering._pre_mlp_vectors(model, windows, layer, ex["window"].to_numpy()[first],
+                                            ex["pos"].to_numpy()[first], fold_ln=True)  # [n_mono, d_model]
+        W, b = (t.numpy().astype(np.float64) for t in embeddings.mlp_in_weights(model, layer))
+    window_col, pos_col, tokens = ex.window.to_numpy(), ex.pos.to_numpy(), windows.numpy()
+    if gated:  # W, b are the gate's (the default kind); the up projection in the same convention
         W_up, b_up = (t.numpy().astype(np.float64) for t in embeddings.mlp_in_weights(model, layer, kind="up"))
     info = {}  # neuron -> (example windows, most common token, scale, up scale)
-    for j in mono:
-        rows = slice(lx.bounds[j], lx.bounds[j + 1])
-        h_top = lx.h[lx.rows(j)[0]]  # [d_model] at its top example
-        scale = float(h_top @ lx.W[:, j] + lx.b[j])  # pre-activation (gated: gate) at its top example
-        up_scale = float(h_top @ W_up[:, j] + b_up[j]) if gated else 1.0
+    for j, h in zip(mono, h_top):
+        rows = slice(bounds[j], bounds[j + 1])
+        scale = float(h @ W[:, j] + b[j])  # pre-activation (gated: gate) at its top example
+        up_scale = float(h @ W_up[:, j] + b_up[j]) if gated else 1.0
         if scale > 0 and up_scale > 0:
             info[j] = (set(window_col[rows].tolist()), int(np.bincount(tokens[window_col[rows], pos_col[rows]]).argmax()),
                        scale, up_scale)
@@ -176,9 +188,9 @@ def make_virtual_neurons(
     sources = pd.DataFrame(rows, columns=["virtual", "neuron", "scale", "token", "up_scale"])
     neuron, scale, up_scale = sources.neuron.to_numpy(), sources.scale.to_numpy(), sources.up_scale.to_numpy()
     if not gated:
-        return VirtualNeurons(layer=layer, sources=sources.drop(columns="up_scale"), source_W=lx.W[:, neuron] / scale,
-                              source_b=lx.b[neuron] / scale)
-    return VirtualNeurons(layer=layer, sources=sources, source_W=lx.W[:, neuron] / scale, source_b=lx.b[neuron] / scale,
+        return VirtualNeurons(layer=layer, sources=sources.drop(columns="up_scale"), source_W=W[:, neuron] / scale,
+                              source_b=b[neuron] / scale)
+    return VirtualNeurons(layer=layer, sources=sources, source_W=W[:, neuron] / scale, source_b=b[neuron] / scale,
                           source_W_up=W_up[:, neuron] / up_scale, source_b_up=b_up[neuron] / up_scale)
 
 
@@ -196,8 +208,8 @@ def virtual_activations(model: Any, virtual: VirtualNeurons, h: Any, neurons: An
     h = np.asarray(h, dtype=np.float64)
     pre = h @ virtual.W[:, idx] + virtual.b[idx]
     if not virtual.gated:
-        return clustering.mlp_activation(model, pre)
-    return clustering.mlp_activation(model, pre, h @ virtual.W_up[:, idx] + virtual.b_up[idx])
+        return embeddings.mlp_activation(model, pre)
+    return embeddings.mlp_activation(model, pre, h @ virtual.W_up[:, idx] + virtual.b_up[idx])
 
 
 def _check_virtual_of(model: Any, virtual: VirtualNeurons) -> None:
@@ -217,7 +229,7 @@ def _source_terms(model: Any, virtual: VirtualNeurons, h: np.ndarray, rows: Any)
     pre = h @ virtual.source_W[:, rows] + virtual.source_b[rows]  # [n, m]
     if not virtual.gated:
         return pre
-    return clustering.mlp_activation(model, pre, h @ virtual.source_W_up[:, rows] + virtual.source_b_up[rows])
+    return embeddings.mlp_activation(model, pre, h @ virtual.source_W_up[:, rows] + virtual.source_b_up[rows])
 
 
 def collect_virtual_examples(
@@ -245,7 +257,6 @@ def collect_virtual_examples(
     import torch
     from tqdm.auto import tqdm
 
-    from nbutils.activations import _empty_state, _merge_topk, _order_key, _sorted_state
     from nbutils.embeddings import activation_fn
     from nbutils.models import check_windows, hook_name, is_gated
 
@@ -268,7 +279,7 @@ def collect_virtual_examples(
         return h @ W + b if not up else act_fn(h @ W + b) * (h @ up[0] + up[1])
 
     total = sum(v.n_virtual for v in virtual)
-    state = _empty_state(total, k, "cpu")
+    state = topk.empty_state(total, k, "cpu")
     stop = max(v.layer for v in virtual) + 1
     with torch.inference_mode():
         for start in tqdm(range(0, len(windows), batch_size), desc="virtual neurons", disable=not progress):
@@ -278,10 +289,10 @@ def collect_virtual_examples(
             pre = torch.cat([m.values for m in best], dim=1).T.contiguous()  # [total, batch]
             pos = torch.cat([m.indices for m in best], dim=1).T.to(torch.int32)  # [total, batch]
             ids = torch.arange(start, start + batch.shape[0]).expand_as(pre)
-            state = _merge_topk(state, (_order_key(pre, ids), pos.contiguous()), k)
-    pre, window, pos = (t[0].numpy() for t in _sorted_state(*state, 1))  # [total, k] each
+            state = topk.merge_topk(state, (topk.order_key(pre, ids), pos.contiguous()), k)
+    pre, window, pos = (t[0].numpy() for t in topk.sorted_state(*state, 1))  # [total, k] each
     act = (pre.astype(np.float64) if gated  # [total, k]
-           else clustering.mlp_activation(model, np.where(window >= 0, pre, 0.0)))
+           else embeddings.mlp_activation(model, np.where(window >= 0, pre, 0.0)))
     top = np.where(window >= 0, act, -np.inf).max(axis=1, keepdims=True)
     keep = (window >= 0) & (top > 0) & (act >= frac * top)
     layer = np.repeat([v.layer for v in virtual], [v.n_virtual for v in virtual])  # [total]
