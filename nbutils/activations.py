@@ -201,10 +201,6 @@ class TopActivations:
 # One batch through the model
 
 
-class _StopForward(Exception):
-    """Raised by the last layer's hook: nothing after the last MLP is needed."""
-
-
 def _batch_candidates(
     forward: mlp_forward.MlpForward, batch: Tensor, first_window: int, floor: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -239,28 +235,23 @@ def _batch_candidates(
                 pos[neuron, window] = act[window, :, neuron].max(dim=-1).indices.to(torch.int32)
             keys[layer], where[layer] = key, pos
             if layer == n_layers - 1:
-                raise _StopForward  # nothing after the last MLP is needed
+                raise mlp_forward.StopForward  # nothing after the last MLP is needed
 
         return hook
 
-    try:
-        if forward.plain is None:
-            hooks = [(hook_name(l, "post"), lambda act, hook, f=reduce(l): f(act)) for l in range(n_layers)]
+    if forward.plain is None:
+        hooks = [(hook_name(l, "post"), lambda act, hook, f=reduce(l): f(act)) for l in range(n_layers)]
+        try:
             forward.model.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
-        else:
-            if forward.reads_input:
-                handles = [m.register_forward_pre_hook(lambda module, args, f=reduce(l): f(args[0]))
-                           for l, m in enumerate(forward.act_modules)]
-            else:
-                handles = [m.register_forward_hook(lambda module, args, out, f=reduce(l): f(out))
-                           for l, m in enumerate(forward.act_modules)]
-            try:
-                forward.plain.base_model(input_ids=batch, use_cache=False)
-            finally:
-                for handle in handles:
-                    handle.remove()
-    except _StopForward:
-        pass
+        except mlp_forward.StopForward:
+            pass
+    else:
+        handles = [mlp_forward.Tap(m, forward.reads_input).register(reduce(l)) for l, m in enumerate(forward.act_modules)]
+        try:
+            mlp_forward.run_plain(forward, batch)
+        finally:
+            for handle in handles:
+                handle.remove()
     return torch.cat(keys), torch.cat(where)  # [n_layers * d_mlp, batch] each
 
 

@@ -6,21 +6,32 @@ The plain model (same tensors, so edits to the bridge's weights are seen) skips 
 the MLP's activation module for GPT-2 (`HF_MLP_ACT`), the input of the down projection for every other family
 (`down_projection_paths`). Both give the bridge's `hook_post` (tested per family). When the plain model cannot be
 rebuilt from the bridge's parameters, `mlp_forward` falls back to the bridge.
+
+`plain_taps` finds, on the plain model, the tensors of the hooks a pass reads (`PLAIN_KINDS`): the MLP's input is
+the input of its in-projection, the normalised vector is the MLP norm's input normalised here, as the bridge's
+`hook_normalized` does. Other hooks run through the bridge.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["HF_MLP_ACT", "MlpForward", "down_projection_paths", "mlp_forward"]
+__all__ = ["HF_MLP_ACT", "PLAIN_KINDS", "MlpForward", "StopForward", "Tap", "down_projection_paths", "mlp_forward",
+           "normalized", "plain_taps", "run_plain"]
 
 # The Hugging Face module whose output is the bridge's `hook_post` (the neuron activation), per model type. Other
 # families read the input of the MLP's down projection (`down_projection_paths`), which is the same tensor.
 HF_MLP_ACT = {"gpt2": "transformer.h.{layer}.mlp.act"}
+
+PLAIN_KINDS = ("mlp_in", "ln_normalized", "post")  # the hook kinds (`models.HOOK_KINDS`) the plain model can show
+
+
+class StopForward(Exception):
+    """Raised by a hook when nothing after it is needed; `run_plain` catches it."""
 
 
 @dataclass(frozen=True)
@@ -86,3 +97,69 @@ def mlp_forward(model: Any, plain_hf: bool) -> MlpForward:
     plain.eval()
     modules = tuple(plain.get_submodule(p) for p in paths)
     return MlpForward(model, n_layers, plain, modules, reads_input=path is None)
+
+
+def run_plain(forward: MlpForward, batch: Tensor) -> None:
+    """Run `batch` `[batch, pos]` through the plain model's body (no unembedding), until a hook raises
+    `StopForward` or the last block ends."""
+    try:
+        forward.plain.base_model(input_ids=batch, use_cache=False)
+    except StopForward:
+        pass
+
+
+def normalized(x: Tensor, rms: bool, eps: float) -> Tensor:
+    """A norm's output before its scale and bias, in float32, as the bridge's `hook_normalized`:
+    `(x - mean) / sqrt(var + eps)` for LayerNorm, `x / sqrt(mean(x²) + eps)` for RMSNorm. `x` `[..., d]`."""
+    x = x.float()
+    if not rms:
+        x = x - x.mean(-1, keepdim=True)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@dataclass(frozen=True)
+class Tap:
+    """Where the plain model shows one hook's tensor: a module's input or output, normalised or as is."""
+
+    module: Any
+    reads_input: bool
+    norm: tuple[bool, float] | None = None  # (RMS norm, eps): the module's input, normalised (`normalized`)
+
+    def register(self, fn: Callable[[Tensor], None]) -> Any:
+        """Call `fn(tensor)` each time the module runs; returns the handle to remove."""
+        if not self.reads_input:
+            return self.module.register_forward_hook(lambda module, args, out: fn(out))
+        if self.norm is None:
+            return self.module.register_forward_pre_hook(lambda module, args: fn(args[0]))
+        rms, eps = self.norm
+        return self.module.register_forward_pre_hook(lambda module, args: fn(normalized(args[0], rms, eps)))
+
+
+def plain_taps(forward: MlpForward, layers: Sequence[int], kinds: Sequence[str]) -> dict[tuple[int, str], Tap] | None:
+    """`{(layer, kind): Tap}` on the plain model for every layer and kind, or `None` when the plain model is not
+    in use or a kind is not in `PLAIN_KINDS` (then the pass runs through the bridge)."""
+    if forward.plain is None or any(kind not in PLAIN_KINDS for kind in kinds):
+        return None
+    from nbutils.models import mlp_norm
+
+    model = forward.model
+    names = {id(module): name.replace("._original_component", "")
+             for name, module in model.original_model.named_modules()}
+    taps: dict[tuple[int, str], Tap] = {}
+    for layer in layers:
+        for kind in kinds:
+            if kind == "post":
+                taps[layer, kind] = Tap(forward.act_modules[layer], forward.reads_input)
+                continue
+            bridge = getattr(model.blocks[layer].mlp, "in", None) if kind == "mlp_in" else mlp_norm(model, layer)
+            original = getattr(bridge, "original_component", bridge)
+            path = names.get(id(original))
+            if path is None:
+                return None
+            norm = None
+            if kind == "ln_normalized":
+                eps = next((getattr(original, a) for a in ("eps", "variance_epsilon") if hasattr(original, a)),
+                           getattr(model.cfg, "eps", 1e-5))
+                norm = (bool(getattr(bridge, "uses_rms_norm", False)), float(eps))
+            taps[layer, kind] = Tap(forward.plain.get_submodule(path), True, norm)
+    return taps

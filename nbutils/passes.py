@@ -5,6 +5,11 @@ are fixed slices `lo..hi` of the windows given (`batch_size` rows each), whateve
 layer's values do not depend on which other layers are read with it. The pass stops after the deepest layer's MLP
 (`stop_at_layer`) and hands each layer's tensors to a callback as soon as that layer's hooks have all fired, then
 drops them: one layer's activations of one batch are held at a time.
+
+The batches run through the plain Hugging Face model that shares the bridge's parameters
+(`mlp_forward.plain_taps`) when every hook asked for has a plain tap (the MLP's input, its normalised input and
+its activation), so a pass reads the same numbers as the top-k collection, at its speed; other hooks run
+through the bridge. The two agree to float rounding (tested per family).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from nbutils import mlp_forward
 from nbutils.models import hook_name
 
 __all__ = ["read_layers"]
@@ -33,6 +39,7 @@ def read_layers(
     batch_size: int = 64,
     progress: bool = False,
     desc: str = "reading layers",
+    plain_hf: bool = True,
 ) -> None:
     """Run `windows` through `model` in batches of `batch_size` rows, up to the MLP of the deepest of `layers`.
 
@@ -43,11 +50,12 @@ def read_layers(
         on_layer: called as `on_layer(layer, read, lo, hi)` once per batch and layer, when that layer's hooks have
             fired; `read[kind]` is `[hi - lo, window, d]` on the model's device (valid during the call only).
         progress: a tqdm bar over the tokens, titled `desc`.
+        plain_hf: run through the plain Hugging Face model when it can show every kind (else the bridge).
     No input checks: callers check `layers` and `windows`.
     """
     from tqdm.auto import tqdm
 
-    layers, kinds = sorted(set(int(l) for l in layers)), list(kinds)
+    layers, kinds = sorted(set(int(l) for l in layers)), list(dict.fromkeys(kinds))
     if not layers or len(windows) == 0:
         return
     n_windows, n_pos = windows.shape
@@ -55,20 +63,37 @@ def read_layers(
     held: dict[int, dict[str, Tensor]] = {}
     bounds = (0, 0)
 
-    def read(t: Tensor, hook: Any, layer: int, kind: str) -> None:
+    def read(t: Tensor, layer: int, kind: str) -> None:
         lo, hi = bounds
         got = held.setdefault(layer, {})
         got[kind] = t.reshape(hi - lo, n_pos, -1)  # [batch, pos, d]; some families fire flattened
         if len(got) == len(kinds):
             on_layer(layer, held.pop(layer), lo, hi)
 
-    hooks = [(hook_name(layer, kind, model), lambda t, hook, l=layer, k=kind: read(t, hook, l, k))
-             for layer in layers for kind in kinds]
+    forward = mlp_forward.mlp_forward(model, plain_hf)
+    taps = mlp_forward.plain_taps(forward, layers, kinds)
     bar = tqdm(total=n_windows * n_pos, unit="tok", unit_scale=True, disable=not progress, desc=desc)
-    for lo in range(0, n_windows, batch_size):
-        hi = min(lo + batch_size, n_windows)
-        bounds = (lo, hi)
-        model.run_with_hooks(windows[lo:hi].to(device), fwd_hooks=hooks, return_type=None,
-                             stop_at_layer=layers[-1] + 1)
-        bar.update((hi - lo) * n_pos)
+    if taps is None:
+        hooks = [(hook_name(layer, kind, model), lambda t, hook, l=layer, k=kind: read(t, l, k))
+                 for layer in layers for kind in kinds]
+        for lo in range(0, n_windows, batch_size):
+            bounds = (lo, min(lo + batch_size, n_windows))
+            model.run_with_hooks(windows[lo : bounds[1]].to(device), fwd_hooks=hooks, return_type=None,
+                                 stop_at_layer=layers[-1] + 1)
+            bar.update((bounds[1] - lo) * n_pos)
+    else:
+        def read_and_stop(t: Tensor, layer: int, kind: str) -> None:
+            read(t, layer, kind)
+            if layer == layers[-1] and layer not in held:  # the deepest layer is read: nothing more is needed
+                raise mlp_forward.StopForward
+
+        handles = [tap.register(lambda t, l=layer, k=kind: read_and_stop(t, l, k)) for (layer, kind), tap in taps.items()]
+        try:
+            for lo in range(0, n_windows, batch_size):
+                bounds = (lo, min(lo + batch_size, n_windows))
+                mlp_forward.run_plain(forward, windows[lo : bounds[1]].to(device))
+                bar.update((bounds[1] - lo) * n_pos)
+        finally:
+            for handle in handles:
+                handle.remove()
     bar.close()

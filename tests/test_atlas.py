@@ -200,6 +200,31 @@ def test_foreign_truncated_and_mismatched_files_are_refused(built, model, window
         atlas.build_atlas(model, windows, k=K + 1, out=built.path, progress=False)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 4 * 37 * 5, 1 << 28])  # one row per block, 5 rows, one block
+def test_nearest_other_is_brute_force(chunk_bytes):
+    """The half-matrix search (each pair computed once) equals the brute-force nearest rows of other owners,
+    for any block size, with owners that leave some rows fewer than k candidates."""
+    from nbutils.atlas.similar_features import _nearest_other
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((37, 6)).astype(np.float32)
+    x[5] = x[9]  # an exact tie
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    owner = np.sort(rng.integers(0, 6, 37))
+    owner[30:] = 99  # 7 rows of one owner: 30 candidates each
+    k = 32
+    ind, sim = _nearest_other(u, owner, k, chunk_bytes=chunk_bytes)
+    cos = u.astype(np.float64) @ u.T.astype(np.float64)
+    for i in range(len(u)):
+        other = np.flatnonzero(owner != owner[i])
+        best = other[np.lexsort((other, -np.round(cos[i, other], 5)))][:k]
+        n_valid = min(k, len(other))
+        assert (ind[i, n_valid:] == -1).all() and np.isnan(sim[i, n_valid:]).all()
+        np.testing.assert_allclose(sim[i, :n_valid], cos[i, best], atol=1e-5)
+        assert set(ind[i, :n_valid]) <= set(other) and len(set(ind[i, :n_valid])) == n_valid
+        np.testing.assert_allclose(cos[i, ind[i, :n_valid]], cos[i, best], atol=1e-5)
+
+
 def test_similar_step_refuses_features_without_a_central_embedding(built, model, windows):
     feats = built.table("features")
     layer = int(feats["layer"].iloc[0])

@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from nbutils import _env, activations, clustering, embeddings, explorer, mlp_forward, models
+from nbutils import _env, activations, clustering, embeddings, explorer, mlp_forward, models, passes
 
 TOL = 1e-4  # float32: sums of 64 products of O(1) numbers
 D_MODEL, N_LAYERS, D_MLP, N_CTX = 64, 2, 128, 64
@@ -103,6 +103,35 @@ def test_family_is_recognised(fam):
     for layer in range(model.cfg.n_layers):
         for kind in kinds:
             assert models.hook_name(layer, kind, model) in model.hook_dict, (layer, kind)
+
+
+def _read(model, windows, layers, kinds, plain_hf):
+    got: dict = {}
+
+    def on_layer(layer, read, lo, hi):
+        for kind, t in read.items():
+            got.setdefault((layer, kind), []).append(t.clone())
+
+    passes.read_layers(model, windows, layers, kinds, on_layer, batch_size=7, plain_hf=plain_hf)
+    return {key: torch.cat(parts) for key, parts in got.items()}
+
+
+def test_plain_pass_reads_the_bridge_hooks(fam):
+    """`passes.read_layers` on the plain model (the MLP's input, its normalised input, its activation) gives what
+    the bridge's hooks give, every layer, also when only the deepest layer is read (the pass stops there)."""
+    model, windows = fam["model"], fam["windows"]
+    kinds, layers = mlp_forward.PLAIN_KINDS, list(range(model.cfg.n_layers))
+    assert mlp_forward.plain_taps(mlp_forward.mlp_forward(model, plain_hf=True), layers, kinds) is not None
+    assert mlp_forward.plain_taps(mlp_forward.mlp_forward(model, plain_hf=True), layers, ("pre",)) is None
+    bridge = _read(model, windows, layers, kinds, plain_hf=False)
+    plain = _read(model, windows, layers, kinds, plain_hf=True)
+    assert plain.keys() == bridge.keys() == {(layer, kind) for layer in layers for kind in kinds}
+    for key, t in bridge.items():
+        assert plain[key].shape == t.shape == (len(windows), windows.shape[1], t.shape[-1]), key
+        torch.testing.assert_close(plain[key], t, rtol=1e-5, atol=1e-5)
+    deepest = _read(model, windows, layers[-1:], kinds[::-1], plain_hf=True)
+    for key, t in deepest.items():
+        assert torch.equal(t, plain[key]), key
 
 
 def test_invariant_every_convention(fam):

@@ -21,30 +21,53 @@ __all__ = ["EXAMPLE_COLUMNS", "similar_table"]
 EXAMPLE_COLUMNS = ["layer", "neuron", "cluster", "window", "pos", "act"]  # what the similar step reads of `examples`
 
 
+def _keep_best(vals: Tensor, ind: Tensor, new_vals: Tensor, new_ind: Tensor) -> None:
+    """Merge candidates `[rows, c]` into running best `[rows, k]` (in place), for the rows where one beats the
+    k-th best."""
+    better = new_vals.amax(dim=1) > vals[:, -1]  # [rows]
+    if not bool(better.any()):
+        return
+    v = torch.cat([vals[better], new_vals[better]], dim=1)
+    i = torch.cat([ind[better], new_ind[better]], dim=1)
+    top, at = torch.topk(v, vals.shape[1], dim=1)  # sorted, best first
+    vals[better], ind[better] = top, torch.gather(i, 1, at)
+
+
 def _nearest_other(u: np.ndarray, owner: np.ndarray, k: int, chunk_bytes: int = 1 << 28, progress: bool = False
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest rows by cosine among rows of *other* owners (neurons). `u` unit rows `[n, d]` float32.
     Returns (indices `[n, k]`, -1 where fewer exist; similarities `[n, k]`), most similar first, equal
-    similarities by index."""
+    similarities by index.
+
+    Each pair is computed once: block `lo..hi` of rows against rows `lo..n` gives the block's rows their
+    candidates from `lo` on, and every later row its candidates from the block (the transpose), so the
+    matrix products cost half of the full `[n, n]`."""
     from tqdm.auto import tqdm
 
     n = len(u)
-    ind = np.full((n, k), -1, dtype=np.int64)
-    sim = np.full((n, k), np.nan, dtype=np.float32)
     kk = min(k, n)
     step = max(1, chunk_bytes // max(1, 4 * n))
     ut, own = torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32)), torch.from_numpy(np.asarray(owner))
+    best = torch.full((n, kk), float("-inf"))  # [n, kk] running similarities, best first
+    where = torch.full((n, kk), -1, dtype=torch.int64)  # [n, kk] their rows
     for lo in tqdm(range(0, n, step), desc="nearest features", unit="block", disable=not progress):
-        block = ut[lo : lo + step] @ ut.T  # [chunk, n]
-        block.masked_fill_(own[lo : lo + step, None] == own[None, :], float("-inf"))  # not itself, not its own neuron
-        vals, part = (t.numpy() for t in torch.topk(block, kk, dim=1))  # [chunk, kk]
-        order = np.lexsort((part, -vals), axis=1)  # by similarity desc, then index
-        part, vals = np.take_along_axis(part, order, axis=1), np.take_along_axis(vals, order, axis=1)
-        valid = np.isfinite(vals)
-        ind[lo : lo + len(block), :kk] = np.where(valid, part, -1)
-        sim[lo : lo + len(block), :kk] = np.where(valid, vals, np.nan)
+        hi = min(lo + step, n)
+        block = ut[lo:hi] @ ut[lo:].T  # [hi - lo, n - lo]: pairs (block row, row from lo on)
+        block.masked_fill_(own[lo:hi, None] == own[None, lo:], float("-inf"))  # not itself, not its own neuron
+        vals, at = torch.topk(block, min(kk, n - lo), dim=1)  # the block's rows
+        _keep_best(best[lo:hi], where[lo:hi], vals, at + lo)
+        if hi < n:  # the later rows, from the block's rows
+            vals, at = torch.topk(block[:, hi - lo :], min(kk, hi - lo), dim=0)  # [c, n - hi]
+            _keep_best(best[hi:], where[hi:], vals.T, at.T + lo)
+    vals, part = best.numpy(), where.numpy()
+    order = np.lexsort((part, -vals), axis=1)  # by similarity desc, then index
+    part, vals = np.take_along_axis(part, order, axis=1), np.take_along_axis(vals, order, axis=1)
+    valid = np.isfinite(vals)
+    ind = np.full((n, k), -1, dtype=np.int64)
+    sim = np.full((n, k), np.nan, dtype=np.float32)
+    ind[:, :kk] = np.where(valid, part, -1)
+    sim[:, :kk] = np.where(valid, vals, np.nan)
     return ind, sim
-
 
 
 def _cross_acts(model: Any, windows: Tensor, window: np.ndarray, pos: np.ndarray, layer: np.ndarray,
