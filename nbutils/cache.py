@@ -22,11 +22,14 @@ deleted by the package.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 import torch
@@ -34,7 +37,8 @@ from torch import Tensor
 
 from nbutils import _env
 
-__all__ = ["CACHE_FORMAT", "CacheError", "Run", "file_fingerprint", "model_fingerprint", "tensor_fingerprint", "text_fingerprint"]
+__all__ = ["CACHE_FORMAT", "CacheError", "Run", "file_fingerprint", "model_fingerprint", "process_running",
+           "scratch_folder", "tensor_fingerprint", "text_fingerprint"]
 
 CACHE_FORMAT = 2  # part of every run's key; bump when the layout of a run folder changes
 _PROGRESS_KEY = b"nbutils_progress"
@@ -249,3 +253,31 @@ class Run:
         self._write_meta("complete", extra)
         if self.checkpoint_path.exists():
             self.checkpoint_path.unlink()
+
+
+def process_running(pid: int) -> bool:
+    """Whether a process with id `pid` exists (this process included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def scratch_folder(prefix: str, parent: str | os.PathLike | None = None) -> Iterator[Path]:
+    """A new folder `{parent}/{prefix}{pid}-{random}` (default parent: the system's temporary folder), removed
+    on exit. Folders of the same prefix left by processes that no longer run (killed before their own clean-up)
+    are removed first, so an interrupted run leaves nothing behind for long."""
+    parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    for old in parent.glob(f"{prefix}*-*"):
+        pid = old.name[len(prefix):].split("-", 1)[0]
+        if old.is_dir() and pid.isdigit() and not process_running(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

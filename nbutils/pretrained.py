@@ -219,14 +219,8 @@ def _remove_stale_partials(folder: Path) -> None:
 
 
 def _running(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    """Another process with id `pid` runs (a partial folder of this very process is a leftover)."""
+    return pid != os.getpid() and _cache.process_running(pid)
     return True
 
 

@@ -3,6 +3,7 @@ tables) carries its run's key, and a file copied in from another run raises `Cac
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pandas as pd
@@ -116,3 +117,26 @@ def test_the_offline_corpus_file_is_tied_to_its_inputs(tmp_path, monkeypatch):
     with pytest.raises(cache.CacheError, match=r"offline-v3-py.*was built from other inputs.*Nothing was deleted"):
         data._offline_documents()
     assert path.exists()
+
+
+def test_scratch_folder_removes_what_killed_processes_left(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its id now names no process
+    stale = tmp_path / f"atlas-h-{dead.pid}-abc"
+    live = tmp_path / f"atlas-h-{os.getppid()}-abc"  # a running process's folder is never touched
+    other = tmp_path / f"other-{dead.pid}-abc"
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / "h.npy").write_bytes(b"x")
+    with cache.scratch_folder("atlas-h-", tmp_path) as folder:
+        assert folder.is_dir() and folder.parent == tmp_path and folder.name.startswith(f"atlas-h-{os.getpid()}-")
+        assert not stale.exists() and live.exists() and other.exists()
+        (folder / "h.npy").write_bytes(b"x")
+    assert not folder.exists()
+    with pytest.raises(RuntimeError):
+        with cache.scratch_folder("atlas-h-", tmp_path) as folder:
+            raise RuntimeError("a failed step")
+    assert not folder.exists() and live.exists()

@@ -30,7 +30,7 @@ the collection itself resumes from its last checkpoint. The result is identical 
 runs once, however many layers), and one for the cross activations of the similar step. Clustering a layer runs
 in `workers` processes on blocks of neurons (`cluster_layer`), with the same result for any number of workers.
 
-**Memory** is bounded by a budget (`layers_tables`, 1.5 GiB by default) plus one layer, and never holds more than
+**Memory** is bounded by a budget (`layers_tables`, 1 GiB by default) plus one layer, and never holds more than
 one layer's activations of a batch: the collection state (`n_layers * d_mlp * k` slots, 20 bytes each), the
 pre-MLP vectors of each layer's distinct examples (`<= n_windows * window * d_model` float32: all tokens, at
 large k; the layers beyond the budget are written to temporary files during the pass and read back one at a

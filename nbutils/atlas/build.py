@@ -122,6 +122,7 @@ def build_atlas(
                                          units=units))
         _clusters_steps(folder, layer_list, settings, runner, bar)
         _features_steps(folder, layer_list, settings, bar)
+        _env.release_freed_memory()
         _similar_step(folder, model, windows, top, layer_list, settings, progress, units)
         bar.update(1)
     finally:
@@ -260,6 +261,8 @@ def _clusters_steps(folder: Folder, layer_list: list[int], settings: AtlasSettin
             layer_file("contexts", l): tables.contexts, layer_file("vectors", l): tables.vectors,
             **({layer_file("bands", l): tables.bands} if tables.bands is not None else {}),
         }, time.perf_counter() - started)
+        del tables
+        _env.release_freed_memory()  # one layer's tables less: keep the resident size near what is held
         bar.update(1)
         started = time.perf_counter()
     if waiting:

@@ -9,7 +9,6 @@ layer (`cluster_layer`: one neuron at a time, e = h ⊙ w, `clustering`) and tur
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,6 +20,7 @@ from torch import Tensor
 
 from nbutils import _env, clustering, viz
 from nbutils._validation import check_int_range
+from nbutils.cache import scratch_folder
 from nbutils.atlas.labels import token_labels, vocab_of
 from nbutils.atlas.settings import TEXT_CONTEXT, AtlasSettings, LayerTables
 from nbutils.atlas.units import NEURONS, Units
@@ -187,13 +187,14 @@ def _layer_bytes(top: Any, layer: int, d_model: int, settings: AtlasSettings, n_
 
 
 def layers_tables(model: Any, windows: Tensor, top: Any, layers: list[int], settings: AtlasSettings, *,
-                  memory_budget: int = 3 << 29, progress: bool = False, spill_dir: str | os.PathLike | None = None,
+                  memory_budget: int = 1 << 30, progress: bool = False, spill_dir: str | os.PathLike | None = None,
                   workers: int | None = None, units: Units = NEURONS) -> Iterator[LayerTables]:
     """The `clusters` step of several layers, in process: one pass over the windows reads every layer (up to the
     deepest), then each layer is clustered in turn. The pre-MLP vectors of the first layers stay in memory while
-    they fit in `memory_budget` bytes (default 1.5 GiB); those of the others go to files in `spill_dir` (default:
+    they fit in `memory_budget` bytes (default 1 GiB); those of the others go to files in `spill_dir` (default:
     a temporary folder), each read back when its layer is clustered. So the pass runs every block once however
-    many layers there are, and memory holds the budget plus one layer. `workers`: processes clustering each layer
+    many layers there are, and memory holds the budget plus one layer. A killed build's spill folder is removed
+    by the next build (`cache.scratch_folder`). `workers`: processes clustering each layer
     (`cluster_layer`); `units`: neurons, or a dictionary's latents (`Units`). The tables equal `layer_tables` of
     each layer alone."""
     need = [_layer_bytes(top, layer, units.d_in(model), settings, int(windows.numel())) for layer in layers]
@@ -204,7 +205,7 @@ def layers_tables(model: Any, windows: Tensor, top: Any, layers: list[int], sett
             spilled.append(layer)  # h to a file
         else:
             used += h_bytes
-    with tempfile.TemporaryDirectory(prefix="atlas-h-", dir=spill_dir) as folder:
+    with scratch_folder("atlas-h-", spill_dir) as folder:
         gathered = _layers_pass(model, windows, top, layers, settings, progress=progress,
                                 spill={layer: Path(folder) for layer in spilled}, units=units)
         for layer in layers:
