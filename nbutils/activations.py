@@ -246,7 +246,8 @@ def _batch_candidates(
         except mlp_forward.StopForward:
             pass
     else:
-        handles = [mlp_forward.Tap(m, forward.reads_input).register(reduce(l)) for l, m in enumerate(forward.act_modules)]
+        handles = [mlp_forward.Tap(m, forward.reads_input).register(reduce(l))
+                   for l, m in enumerate(forward.act_modules)]
         try:
             mlp_forward.run_plain(forward, batch)
         finally:

@@ -87,7 +87,8 @@ def read_layers(
             if layer == layers[-1] and layer not in held:  # the deepest layer is read: nothing more is needed
                 raise mlp_forward.StopForward
 
-        handles = [tap.register(lambda t, l=layer, k=kind: read_and_stop(t, l, k)) for (layer, kind), tap in taps.items()]
+        handles = [tap.register(lambda t, l=layer, k=kind: read_and_stop(t, l, k))
+                   for (layer, kind), tap in taps.items()]
         try:
             for lo in range(0, n_windows, batch_size):
                 bounds = (lo, min(lo + batch_size, n_windows))
