@@ -52,10 +52,16 @@ class MlpForward:
         return "plain_hf" if self.plain is not None else "bridge"
 
 
+def _hf_names(inner: Any) -> dict[int, str]:
+    """`{id(module): Hugging Face module path}` for every module of the bridge's wrapped model `inner`, also
+    under the bridge's wrappers (their `._original_component` dropped from the path)."""
+    return {id(module): name.replace("._original_component", "") for name, module in inner.named_modules()}
+
+
 def down_projection_paths(model: Any, inner: Any) -> list[str] | None:
     """Hugging Face module path of each layer's MLP down projection (the bridge's `blocks[l].mlp.out`), whose
     input is the neuron activation; `None` if the bridge does not expose one."""
-    names = {id(module): name.replace("._original_component", "") for name, module in inner.named_modules()}
+    names = _hf_names(inner)
     try:
         paths = [names.get(id(model.blocks[layer].mlp.out)) for layer in range(model.cfg.n_layers)]
     except AttributeError:
@@ -143,8 +149,7 @@ def plain_taps(forward: MlpForward, layers: Sequence[int], kinds: Sequence[str])
     from nbutils.models import mlp_norm
 
     model = forward.model
-    names = {id(module): name.replace("._original_component", "")
-             for name, module in model.original_model.named_modules()}
+    names = _hf_names(model.original_model)
     taps: dict[tuple[int, str], Tap] = {}
     for layer in layers:
         for kind in kinds:

@@ -76,11 +76,10 @@ def read_layers(
     if taps is None:
         hooks = [(hook_name(layer, kind, model), lambda t, hook, l=layer, k=kind: read(t, l, k))
                  for layer in layers for kind in kinds]
-        for lo in range(0, n_windows, batch_size):
-            bounds = (lo, min(lo + batch_size, n_windows))
-            model.run_with_hooks(windows[lo : bounds[1]].to(device), fwd_hooks=hooks, return_type=None,
-                                 stop_at_layer=layers[-1] + 1)
-            bar.update((bounds[1] - lo) * n_pos)
+        handles = []
+
+        def run(batch: Tensor) -> None:
+            model.run_with_hooks(batch, fwd_hooks=hooks, return_type=None, stop_at_layer=layers[-1] + 1)
     else:
         def read_and_stop(t: Tensor, layer: int, kind: str) -> None:
             read(t, layer, kind)
@@ -89,12 +88,16 @@ def read_layers(
 
         handles = [tap.register(lambda t, l=layer, k=kind: read_and_stop(t, l, k))
                    for (layer, kind), tap in taps.items()]
-        try:
-            for lo in range(0, n_windows, batch_size):
-                bounds = (lo, min(lo + batch_size, n_windows))
-                mlp_forward.run_plain(forward, windows[lo : bounds[1]].to(device))
-                bar.update((bounds[1] - lo) * n_pos)
-        finally:
-            for handle in handles:
-                handle.remove()
-    bar.close()
+
+        def run(batch: Tensor) -> None:
+            mlp_forward.run_plain(forward, batch)
+
+    try:
+        for lo in range(0, n_windows, batch_size):
+            bounds = (lo, min(lo + batch_size, n_windows))
+            run(windows[lo : bounds[1]].to(device))
+            bar.update((bounds[1] - lo) * n_pos)
+    finally:
+        for handle in handles:
+            handle.remove()
+        bar.close()

@@ -221,7 +221,6 @@ def _remove_stale_partials(folder: Path) -> None:
 def _running(pid: int) -> bool:
     """Another process with id `pid` runs (a partial folder of this very process is a leftover)."""
     return pid != os.getpid() and _cache.process_running(pid)
-    return True
 
 
 def local_folder(name: str, *, cache_dir: str | os.PathLike | None = None, fetch: bool = True) -> Path:

@@ -20,10 +20,10 @@ from torch import Tensor
 
 from nbutils import _env, clustering, viz
 from nbutils._validation import check_int_range
-from nbutils.cache import scratch_folder
 from nbutils.atlas.labels import token_labels, vocab_of
 from nbutils.atlas.settings import TEXT_CONTEXT, AtlasSettings, LayerTables
 from nbutils.atlas.units import NEURONS, Units
+from nbutils.cache import scratch_folder
 from nbutils.passes import read_layers
 
 __all__ = ["layer_tables", "layers_tables", "features_table", "cluster_layer", "ClusteredLayer",
