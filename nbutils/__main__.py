@@ -1,7 +1,7 @@
 """Command line: build, describe, query and export a feature atlas.
 
     python -m nbutils atlas build [--model M] [--source S] [--windows N] [--window W] [--k K] [--frac F]
-                                  [--layers 0,2] [--method M] [--threshold T] [--out DIR] [--sae DIR] [--quiet]
+                                  [--layers 0,2] [--method M] [--threshold T] [--space S] [--out DIR] [--sae DIR] [--quiet]
     python -m nbutils atlas info DIR
     python -m nbutils atlas query DIR "SELECT layer, count(*) FROM features GROUP BY layer"
     python -m nbutils atlas export-site DIR OUT_DIR [--quiet]
@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import NoReturn
+
+_SPACES = ("embedding", "h")  # clustering.SPACES, without importing the numeric stack to print --help (tested equal)
 
 __all__ = ["main"]
 
@@ -50,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--layers", type=_layers, default=None, help="layers to cluster, e.g. 0,2 (default all)")
     build.add_argument("--method", default=None, help="clustering method (default: the measured default)")
     build.add_argument("--threshold", type=float, default=None, help="the method's threshold")
+    build.add_argument("--space", default="embedding", choices=_SPACES,
+                       help="what the examples are clustered as: the neuron embedding h ⊙ w (default) or h")
     build.add_argument("--out", default=None, help="atlas folder (default: the notebooks' folder in the cache)")
     build.add_argument("--sae", default=None, help="a SAELens folder: build the atlas of its latents (default: neurons)")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -94,11 +98,12 @@ def _build(args: argparse.Namespace) -> None:
             sae = dictionary.load_dictionary(args.sae)
         out = args.out or atlas.default_path(model_name=str(name), source=source, n_windows=args.windows,
                                              window=args.window, layers=args.layers, k=args.k, frac=args.frac,
-                                             method=args.method, threshold=args.threshold)
+                                             method=args.method, threshold=args.threshold, space=args.space)
         if sae is not None and not args.out:
             out = out.with_name(f"{out.name}-sae{sae.fingerprint()[:8]}")
         result = atlas.build_atlas(model, windows, k=args.k, frac=args.frac, layers=args.layers, method=args.method,
-                                   threshold=args.threshold, out=out, source=source, progress=not args.quiet, sae=sae)
+                                   threshold=args.threshold, space=args.space, out=out, source=source,
+                                   progress=not args.quiet, sae=sae)
     print(result.info())
 
 

@@ -75,6 +75,8 @@ __all__ = [
     "POLYSEMY_COLUMNS",
     "LayerExamples",
     "layer_examples",
+    "SPACES",
+    "SPACE_NAMES",
 ]
 
 METHODS: tuple[str, ...] = ("adaptive", "local", "agglomerative", "threshold", "hdbscan", "leiden")
@@ -85,6 +87,11 @@ DEFAULT_METHOD = "local"
 DEFAULT_THRESHOLDS: dict[str, float] = {"adaptive": 0.7, "local": 0.75, "agglomerative": 0.5, "threshold": 0.7,
                                          "hdbscan": 3, "leiden": 1.0}
 ADAPTIVE_NEIGHBOURS = 10
+# What a neuron's examples are clustered as (`LayerExamples.vectors`): the neuron embedding `h ⊙ w` (the default),
+# or the plain pre-MLP vector `h` (the same for every neuron of the layer; what is measured against it:
+# `nbutils.recovery` and the README's recovery table).
+SPACES: tuple[str, ...] = ("embedding", "h")
+SPACE_NAMES = {"embedding": "h ⊙ w", "h": "h"}  # how a space is written for a reader
 # The paper's thresholds for GPT-2 small by layer (reference only; not our defaults).
 PAPER_THRESHOLDS_GPT2: dict[int, float] = {0: 0.5, 1: 0.2, 2: 0.2, 3: 0.1, 4: 0.1, **{i: 0.05 for i in range(5, 12)}}
 
@@ -496,6 +503,10 @@ class LayerExamples:
     def embeddings(self, neuron: int) -> Float[np.ndarray, "n d_model"]:
         """Neuron embeddings `h ⊙ w` of one neuron's examples `[n, d_model]`."""
         return self.h[self.rows(neuron)] * self.W[:, neuron]
+
+    def vectors(self, neuron: int, space: str = "embedding") -> Float[np.ndarray, "n d_model"]:
+        """One neuron's examples in `space` (`SPACES`): `embeddings(neuron)`, or their rows of `h`."""
+        return self.embeddings(neuron) if space == "embedding" else self.h[self.rows(neuron)]
 
 
 def layer_examples(

@@ -319,7 +319,8 @@ class Explorer:
             layout = None
             if len(examples):
                 coords = examples[["x", "y"]].to_numpy(np.float64)
-                layout = viz.Layout2D(coords, "pca", "PCA of the unit neuron embeddings (stored in the atlas)")
+                layout = viz.Layout2D(coords, "pca", f"PCA of the examples' unit vectors in the atlas's space, "
+                                                    f"{clustering.SPACE_NAMES[self.atlas.settings.space]}")
             self._neurons[key] = NeuronData(row, examples, contexts, layout, similar=rows("similar"))
         return self._neurons[key]
 
@@ -332,8 +333,10 @@ class Explorer:
             pos = data.examples["pos"].to_numpy(np.int64).copy()
             h, acts = _neuron_pass(self.model, windows[torch.as_tensor(wid)], layer, neuron, pos,
                                    fold_ln=self.atlas.settings.fold_ln, batch_size=self.atlas.settings.batch_size)
-            W, _ = embeddings.mlp_in_weights(self.model, layer, fold_ln=self.atlas.settings.fold_ln)
-            data.e = embeddings.embed(h, W, neuron).numpy().astype(np.float64)  # [n, d_model]
+            if self.atlas.settings.space == "embedding":
+                W, _ = embeddings.mlp_in_weights(self.model, layer, fold_ln=self.atlas.settings.fold_ln)
+                h = embeddings.embed(h, W, neuron)
+            data.e = h.numpy().astype(np.float64)  # [n, d_model], in the atlas's space
             data.acts = acts
         return data
 
@@ -591,7 +594,8 @@ def _render_summary(ex: Explorer) -> None:
         ex.summary.value = (
             f"{head} · {len(data.examples)} examples · {len(sizes)} clusters ({n_single} singletons) · "
             f"effective clusters {eff:.2f} · monosemanticity {'n/a' if np.isnan(mono) else f'{mono:.2f}'} · "
-            f"{html.escape(s.method)} at {s.threshold:g}{' (live)' if ex.live else ''}"
+            f"{html.escape(s.method)} at {s.threshold:g}{' (live)' if ex.live else ''} · "
+            f"space {clustering.SPACE_NAMES[ex.atlas.settings.space]}"
             f'<br><span style="color:#555;font-size:90%">top tokens: {label}</span>'
         )
     trail = " → ".join(f"L{l}/N{n}" for l, n in s.history[-8:])

@@ -550,7 +550,8 @@ def build_from_args(args: Any) -> Any:
     out = args.out or atlas.default_path(model_name=_env.switch(args.model, "NBUTILS_MODEL", models.DEFAULT_MODEL_NAME),
                                          source=spec.source, n_windows=spec.n_windows, window=spec.window,
                                          layers=args.layers, k=args.k, frac=args.frac, method=args.method,
-                                         threshold=args.threshold)
+                                         threshold=args.threshold, space=args.space)
     return build_atlas_ray(model, spec, shards=args.shards, address=args.address, layers=args.layers, out=out, k=args.k,
-                           frac=args.frac, method=args.method, threshold=args.threshold, num_gpus=args.num_gpus,
+                           frac=args.frac, method=args.method, threshold=args.threshold, space=args.space,
+                           num_gpus=args.num_gpus,
                            progress=not args.quiet)

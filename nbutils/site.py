@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from nbutils import cache as _cache
+from nbutils import clustering
 from nbutils._validation import check_path, fail
 
 __all__ = ["BLOCK", "SITE_FORMAT", "export_site", "site_bytes"]
@@ -340,8 +341,8 @@ def _write_site(at: Any, root: Path, *, progress: bool) -> None:
     m = at.manifest
     _script(root / "data" / "overview.js", "overview", {
         "model": m["model"]["name"], "n_layers": at.n_layers, "d_mlp": d_mlp, "layers": list(at.layers),
-        "block": BLOCK, "corpus": m["corpus"], "settings": {k: m["settings"][k] for k in ("k", "frac", "method",
-                                                                                         "threshold")},
+        "block": BLOCK, "corpus": m["corpus"], "settings": {**{k: m["settings"][k] for k in ("k", "frac", "method", "threshold")},
+                                 "space": clustering.SPACE_NAMES[at.settings.space]},
         "polysemantic_min": POLYSEMANTIC_MIN, "per_layer": overview,
         "tables": [[name, info["bytes"], info.get("rows")] for name, info in files.items()],
     })

@@ -71,6 +71,46 @@ def test_clusters_equal_clustering_of_independent_embeddings(built, model, windo
         assert row["monosemanticity"] == pytest.approx(clustering.monosemanticity(e), abs=1e-6)
 
 
+def test_an_atlas_in_space_h_clusters_h_and_says_so(built, model, windows, tmp_path):
+    layer = 1
+    at = atlas.build_atlas(model, windows, k=K, layers=[layer], space="h", out=tmp_path / "h",
+                           cache_dir=tmp_path / "cache", progress=False)
+    assert at.manifest["settings"]["space"] == "h" and at.manifest["key_hash"] != built.manifest["key_hash"]
+    assert "on h)" in repr(at) and "space=h" in at.info() and "on h ⊙ w)" in repr(built)
+    lx = clustering.layer_examples(model, windows, at.top, layer)
+    for neuron in (_busy(built, layer), _busy(at, layer)):
+        ex = at.neuron_examples(layer, neuron)
+        h = lx.h[lx.rows(neuron)]  # [n, d_model], read independently of the build
+        np.testing.assert_array_equal(ex["cluster"].to_numpy(), clustering.cluster(h))
+        np.testing.assert_allclose(lx.vectors(neuron, "embedding"), lx.embeddings(neuron))
+        labels = clustering.cluster(h)
+        centres = clustering.central_example(h, labels)
+        assert sorted(np.flatnonzero(ex["is_central"].to_numpy())) == sorted(centres.tolist())
+        # the features' stored vectors (which the similar step compares) are the central examples' h
+        vectors = pd.read_parquet(at.path / atlas.folder.layer_file("vectors", layer))
+        vectors = vectors[vectors.neuron == neuron]
+        big = np.flatnonzero(np.bincount(labels) >= at.settings.min_size)
+        assert vectors.cluster.tolist() == big.tolist()
+        np.testing.assert_allclose(np.stack(vectors.vector.to_numpy()), h[centres[big]], rtol=1e-5, atol=1e-6)
+
+
+def test_the_default_space_keeps_the_keys_of_atlases_built_before_it(built, tmp_path):
+    assert "space" not in atlas.settings.key_settings(built.settings)
+    assert atlas.settings.key_settings(atlas.AtlasSettings(space="h"))["space"] == "h"
+    old = tmp_path / "old"
+    shutil.copytree(built.path, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["settings"]["space"]  # as written before the setting existed
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert atlas.Atlas.open(old).settings.space == "embedding"
+
+
+def test_the_command_lines_spaces_are_the_packages():
+    from nbutils import __main__
+
+    assert __main__._SPACES == clustering.SPACES
+
+
 def test_contexts_hold_the_neurons_activation_around_each_shown_example(built, model, windows):
     layer = 1
     neuron = _busy(built, layer)
@@ -246,6 +286,7 @@ def test_similar_step_refuses_features_without_a_central_embedding(built, model,
     (dict(method="kmeans"), ValueError, "`method` must be one of"),
     (dict(shown=0), ValueError, "`shown` must be in"),
     (dict(colour="red"), TypeError, "unknown options"),
+    (dict(space="pca"), ValueError, "`space` must be one of"),
 ])
 def test_bad_arguments_name_the_argument(model, windows, kwargs, error, match, tmp_path):
     with pytest.raises(error, match=match):

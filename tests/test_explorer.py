@@ -155,7 +155,7 @@ def test_method_and_threshold_recluster_live_with_the_model_loaded_lazily(ex, mo
     np.testing.assert_array_equal(ex.state.labels, clustering.cluster(e, "threshold", 0.99))
     assert int(ex.state.labels.max()) + 1 >= n_before
     assert list(ex.tabs.titles) == _expected_titles(ex.state.labels)
-    assert "threshold at 0.99 (live)" in ex.summary.value
+    assert "threshold at 0.99 (live) · space h ⊙ w" in ex.summary.value
     explorer.on_method(ex, "hdbscan")
     assert slider.step == 1.0 and slider.value == explorer.threshold_range("hdbscan")[3]
     np.testing.assert_array_equal(ex.state.labels, clustering.cluster(e, "hdbscan", int(slider.value)))

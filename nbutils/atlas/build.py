@@ -23,7 +23,7 @@ from nbutils.atlas.folder import Folder, check_path_arg, layer_file, model_load_
 from nbutils.atlas.labels import vocab_of
 from nbutils.atlas.layers import features_table, layers_tables
 from nbutils.atlas.reader import Atlas
-from nbutils.atlas.settings import FORMAT, AtlasSettings, LayerTables
+from nbutils.atlas.settings import FORMAT, AtlasSettings, LayerTables, key_settings
 from nbutils.atlas.similar_features import EXAMPLE_COLUMNS, similar_table
 from nbutils.atlas.units import NEURONS, Units
 from nbutils.cache import CacheError
@@ -40,7 +40,7 @@ def default_path(*, model_name: str, source: str, n_windows: int, window: int, l
     where `<hash>` names the settings (`AtlasSettings` fields in `settings`, defaults resolved, and `layers`), so that
     other settings, or a new default method, get their own folder. The manifest inside holds the full content key
     (the model's weights too): an atlas of other weights there is an error, never an input."""
-    resolved = asdict(AtlasSettings(**settings))
+    resolved = key_settings(AtlasSettings(**settings))
     chosen = None if layers is None else sorted(int(l) for l in layers)
     digest = cache.text_fingerprint(json.dumps({"format": FORMAT, "settings": resolved, "layers": chosen},
                                                sort_keys=True))[:8]
@@ -90,8 +90,8 @@ def build_atlas(
             latents instead of the MLP neurons, with the same tables (`neuron` is the latent, `layer` the block of
             the hook it reads; `layers` must be None or that block). The manifest records its config and weight
             hash, which are part of the key. Built in this process (no `top`, no `map_layers`).
-        **options: other `AtlasSettings` fields (`fold_ln`, `min_size`, `n_similar`, `shown`, `before`, `after`,
-            `batch_size`).
+        **options: other `AtlasSettings` fields: `space` (`"h"` clusters the pre-MLP vectors instead of the neuron
+            embeddings), `fold_ln`, `min_size`, `n_similar`, `shown`, `before`, `after`, `batch_size`.
 
     Returns:
         the finished `Atlas`.
@@ -191,7 +191,7 @@ def _open_folder(model: Any, windows: Tensor, settings: AtlasSettings, layer_lis
     source = data._source(source)
     model_id, corpus_id = cache.model_fingerprint(model), cache.tensor_fingerprint(windows)
     key = {"format": FORMAT, "model_id": model_id, "corpus_id": corpus_id, "layers": layer_list,
-           "settings": asdict(settings),
+           "settings": key_settings(settings),
            **({"dictionary": {"weights_hash": sparse["weights_hash"], "cfg": sparse["cfg"]}} if sparse else {})}
     key = json.loads(json.dumps(key, sort_keys=True))
     key_hash = cache.text_fingerprint(json.dumps(key, sort_keys=True))

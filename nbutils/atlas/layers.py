@@ -2,7 +2,7 @@
 
 `layers_tables` reads consecutive layers in one pass while their vectors fit a memory budget (`passes.read_layers`,
 fixed batches of all windows, so a layer's values do not depend on the group it was read in), then clusters each
-layer (`cluster_layer`: one neuron at a time, e = h ⊙ w, `clustering`) and turns the result into the layer's tables
+layer (`cluster_layer`: one neuron at a time, e = h ⊙ w or the settings' space, `clustering`) and turns the result into the layer's tables
 (`neurons`, `examples`, `contexts`, `vectors`, `bands`).
 """
 
@@ -267,8 +267,8 @@ PARALLEL_MIN_VALUES = 20_000_000
 
 def cluster_layer(lx: clustering.LayerExamples, settings: AtlasSettings, *, workers: int | None = None
                   ) -> ClusteredLayer:
-    """Cluster every neuron's examples by their embeddings `lx.embeddings(neuron)` (`clustering`, the settings'
-    method), and find each cluster's centre, the tab rows and the 2-D map. Any unit whose examples embed as
+    """Cluster every neuron's examples in the settings' space (`lx.vectors(neuron, settings.space)`: the neuron
+    embeddings `h ⊙ w` by default) with the settings' method (`clustering`), and find each cluster's centre, the tab rows and the 2-D map. Any unit whose examples embed as
     `[n, d]` rows fits: `lx` says how.
 
     `workers` processes (default: one per core for a layer of at least `PARALLEL_MIN_VALUES` values, else 1)
@@ -307,7 +307,7 @@ def _cluster_neurons(lx: clustering.LayerExamples, settings: AtlasSettings, firs
             if hi == lo:
                 out.stats.append((0, 0, 0, 0.0, float("nan"), 0))
                 continue
-            e = lx.embeddings(neuron)  # [m, d_model]
+            e = lx.vectors(neuron, settings.space)  # [m, d_model]
             sim = clustering.cosine_similarity(e)
             labels = clustering._labels_from_similarity(sim, settings.method, settings.threshold)
             centres = clustering._central_from_similarity(sim, labels)

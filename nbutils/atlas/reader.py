@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from nbutils import activations, cache
+from nbutils import activations, cache, clustering
 from nbutils._validation import check_choice, check_int_range, fail
 from nbutils.atlas.folder import Folder, check_path_arg, layer_file, read_manifest, read_top, step_names
 from nbutils.atlas.settings import AtlasSettings
@@ -82,7 +82,7 @@ class Atlas:
         c = self.manifest["corpus"]
         return (f"Atlas({str(self.path)!r}: {self.manifest['model']['name']}, {self.n_layers} layers x {self.d_mlp} "
                 f"neurons, {c['n_windows']} windows x {c['window']} tokens, k={self.settings.k}, "
-                f"{self.settings.method} at {self.settings.threshold})")
+                f"{self.settings.method} at {self.settings.threshold} on {clustering.SPACE_NAMES[self.settings.space]})")
 
     # ------------------------------------------------------------------ SQL
 
@@ -309,8 +309,8 @@ class Atlas:
             f"model     {m['name']} ({m['n_layers']} layers x {m['d_mlp']} neurons, d_model {m['d_model']}; "
             f"fingerprint {m['fingerprint'][:12]})",
             f"corpus    {c['source']}: {c['n_windows']} windows x {c['window']} tokens (fingerprint {c['fingerprint'][:12]})",
-            f"settings  k={s.k} frac={s.frac} method={s.method} threshold={s.threshold} fold_ln={s.fold_ln} "
-            f"min_size={s.min_size}",
+            f"settings  k={s.k} frac={s.frac} method={s.method} threshold={s.threshold} space={s.space} "
+            f"fold_ln={s.fold_ln} min_size={s.min_size}",
             f"layers    {self.layers}",
             *([f"units     latents of {self.dictionary['saelens_hook']} ({self.dictionary['architecture']}, "
                f"d_sae {self.dictionary['d_sae']}; weights sha256 {self.dictionary['weights_hash'][:12]})"]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import pandas as pd
 
 from nbutils import activations, clustering
 from nbutils._validation import check_choice, check_int_range
 
-__all__ = ["FORMAT", "TABLES", "TEXT_CONTEXT", "CROSS_MEMBERS", "LABEL_TOKENS", "AtlasSettings", "LayerTables"]
+__all__ = ["FORMAT", "TABLES", "TEXT_CONTEXT", "CROSS_MEMBERS", "LABEL_TOKENS", "AtlasSettings", "key_settings", "LayerTables"]
 
 FORMAT = 2  # bump when a table changes meaning (2: band samples per layer)
 TABLES = ("neurons", "examples", "contexts", "features", "similar", "windows", "vocab", "top")
@@ -25,6 +25,9 @@ class AtlasSettings:
     Attributes:
         k, frac, batch_size: the collection (`activations.CollectSettings`).
         method, threshold: the clustering (`clustering.cluster`); `None` resolves to the defaults.
+        space: what each neuron's examples are clustered as (`clustering.SPACES`): `"embedding"`, the neuron
+            embedding `h ⊙ w` (default), or `"h"`, the pre-MLP vector. The features' vectors (and so the similar
+            features) are in the same space.
         fold_ln: LayerNorm convention of the embeddings (`embeddings`).
         min_size: smallest cluster that is a feature.
         n_similar: similar features kept per feature.
@@ -39,6 +42,7 @@ class AtlasSettings:
     batch_size: int = 64
     method: str | None = None
     threshold: float | int | None = None
+    space: str = "embedding"
     fold_ln: bool = True
     min_size: int = 3
     n_similar: int = 5
@@ -54,6 +58,7 @@ class AtlasSettings:
                               clustering.METHODS)
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "threshold", clustering._check_threshold(method, self.threshold))
+        check_choice("space", self.space, clustering.SPACES)
         if not isinstance(self.fold_ln, bool):
             raise TypeError(f"`fold_ln` must be True or False; got {self.fold_ln!r}.")
         check_int_range("min_size", self.min_size, 1, 10**6)
@@ -63,6 +68,15 @@ class AtlasSettings:
         check_int_range("after", self.after, 0, 10**6)
         check_int_range("bands", self.bands, 0, 1000, what="(0: no band samples)")
         check_int_range("per_band", self.per_band, 1, 100_000)
+
+
+def key_settings(settings: AtlasSettings) -> dict:
+    """The settings as they enter an atlas's key: every field, except `space` at its default, so atlases built
+    before `space` existed keep their keys."""
+    out = asdict(settings)
+    if out["space"] == "embedding":
+        del out["space"]
+    return out
 
 
 @dataclass

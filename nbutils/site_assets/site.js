@@ -143,7 +143,8 @@
       el("h1", { text: "Feature atlas of " + o.model }),
       el("p", { text: o.n_layers + " layers × " + o.d_mlp + " neurons; corpus: " + o.corpus.source + ", " +
         o.corpus.n_windows + " windows × " + o.corpus.window + " tokens; up to " + o.settings.k +
-        " examples per neuron, clustered with " + o.settings.method + " at " + o.settings.threshold + "." }),
+        " examples per neuron, clustered as " + (o.settings.space || "h ⊙ w") + " with " + o.settings.method +
+        " at " + o.settings.threshold + "." }),
       el("p", { class: "ne-muted", text: "Per layer: how many effective clusters the neurons' examples form (1: " +
         "one behaviour; " + o.polysemantic_min + " or more: polysemantic), and the most polysemantic neurons. " +
         "Click a neuron, or search a token or label text above." }),
