@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--margins", default="0.9,0.5", help="comma-separated scoring margins")
     parser.add_argument("--dictionary-tokens", type=int, default=20_000)
     parser.add_argument("--dictionary-steps", type=int, default=3000)
+    parser.add_argument("--l1", type=float, default=None,
+                        help="the dictionaries' L1 weight (default: representations.dictionary_l1 of each layer's h)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write every row's scores to this CSV")
     args = parser.parse_args()
@@ -65,15 +67,17 @@ def main() -> None:
     scores = []
     for v in virtual:
         t0 = time.perf_counter()
-        sae = representations.train_dictionary(recovery.layer_tokens(model, windows, v.layer, args.dictionary_tokens),
-                                               steps=args.dictionary_steps, seed=args.seed)
-        fit = sae.history["mse"][-1], sae.history["l0"][-1]
+        tokens = recovery.layer_tokens(model, windows, v.layer, args.dictionary_tokens)
+        l1 = representations.dictionary_l1(tokens) if args.l1 is None else args.l1
+        sae = representations.train_dictionary(tokens, l1_coef=l1, steps=args.dictionary_steps, seed=args.seed)
+        fit = sae.history["mse"][-1] / float(((tokens - tokens.mean(0)) ** 2).mean()), sae.history["l0"][-1]
         t1 = time.perf_counter()
         cases = recovery.virtual_cases(model, windows, v, examples)
         spaces = recovery.layer_spaces(sae)
         scores += [recovery.score_cases(cases, spaces, cuts, margin=float(m)) for m in args.margins.split(",")]
-        print(f"layer {v.layer}: {v.n_virtual} virtual neurons; dictionary {sae.n_latents} latents, last batch mse "
-              f"{fit[0]:.3f}, L0 {fit[1]:.1f} ({t1 - t0:.0f} s); scored in {time.perf_counter() - t1:.0f} s")
+        print(f"layer {v.layer}: {v.n_virtual} virtual neurons; dictionary {sae.n_latents} latents at L1 {l1:.5f}, "
+              f"last batch's unexplained variance {fit[0]:.3f}, L0 {fit[1]:.1f} ({t1 - t0:.0f} s); scored in "
+              f"{time.perf_counter() - t1:.0f} s")
     scores = pd.concat(scores, ignore_index=True)
     if args.out:
         scores.to_csv(args.out, index=False)

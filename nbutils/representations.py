@@ -37,10 +37,12 @@ __all__ = [
     "train_dictionaries",
     "DICTIONARY_EXPANSION",
     "DICTIONARY_L1",
+    "dictionary_l1",
 ]
 
 DICTIONARY_EXPANSION = 8  # latents per input dimension
-DICTIONARY_L1 = 0.01  # L1 weight for unit-variance inputs (the folded norm's h); see train_dictionary
+DICTIONARY_L1 = 0.01  # L1 weight at a reference h: d_model 128, unit RMS once centred (`dictionary_l1`)
+_REFERENCE_D = 128
 
 
 def _check_h_w(h: Any, w: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -86,11 +88,25 @@ def dictionary_terms(
     return np.hstack([terms, rest[:, None]])
 
 
+def dictionary_l1(h: Float[np.ndarray, "n d_model"]) -> float:
+    """The L1 weight that asks of a dictionary of `h` `[n, d_model]` what `DICTIONARY_L1` asks at the reference.
+
+    The SAE loss is the squared error averaged over the `d_model` dimensions plus `l1_coef · Σ_k f_k`; scaling `h`
+    by `s` scales the code by `s`, so the same dictionary (up to scale) needs `l1_coef ∝ s / d_model`. Here `s` is
+    the RMS of `h` centred per dimension: `DICTIONARY_L1 · s · 128 / d_model`. The tiny model's folded `h` gives
+    about 0.0094 (s 0.92-0.96 at d_model 128); SmolLM2-135M's 0.0013-0.0016 (s 0.6-0.7 at 576: most of its unit RMS
+    is a mean offset), where `DICTIONARY_L1` itself left the dictionary almost empty (L0 1.4 of 4,608 latents).
+    """
+    h = check_matrix("h", h)
+    s = float(np.sqrt(((h - h.mean(0)) ** 2).mean()))
+    return DICTIONARY_L1 * s * _REFERENCE_D / h.shape[1]
+
+
 def train_dictionary(
     h: Float[np.ndarray, "n d_model"],
     *,
     expansion: int = DICTIONARY_EXPANSION,
-    l1_coef: float = DICTIONARY_L1,
+    l1_coef: float | None = None,
     steps: int = 3000,
     seed: int = 0,
     progress: bool = False,
@@ -100,7 +116,7 @@ def train_dictionary(
     Args:
         h: `[n, d_model]` pre-MLP vectors, finite.
         expansion: latents per input dimension.
-        l1_coef: the L1 weight (`sae.SAEConfig.l1_coef`); `DICTIONARY_L1` suits the folded norm's unit-variance h.
+        l1_coef: the L1 weight (`sae.SAEConfig.l1_coef`); `None`: `dictionary_l1(h)`, scaled to `h`.
         steps, seed, progress: as in `sae.SAEConfig` and `sae.train_sae_on`.
 
     Returns:
@@ -108,16 +124,22 @@ def train_dictionary(
     """
     h = check_matrix("h", h)
     expansion = check_int_range("expansion", expansion, 1, 1024)
-    l1_coef = check_float_range("l1_coef", l1_coef, 0.0, float("inf"), high_open=True)
+    l1_coef = _l1_of(h, l1_coef)
     config = sae_module.SAEConfig(n_latents=expansion * h.shape[1], l1_coef=l1_coef, steps=steps, seed=seed)
     return sae_module.train_sae_on(torch.as_tensor(h, dtype=torch.float32), config, progress=progress)
+
+
+def _l1_of(h: np.ndarray, l1_coef: float | None) -> float:
+    if l1_coef is None:
+        return dictionary_l1(h)
+    return check_float_range("l1_coef", l1_coef, 0.0, float("inf"), high_open=True)
 
 
 def train_dictionaries(
     hs: Sequence[Float[np.ndarray, "n d_model"]],
     *,
     expansion: int = DICTIONARY_EXPANSION,
-    l1_coef: float = DICTIONARY_L1,
+    l1_coef: float | None = None,
     steps: int = 3000,
     seed: int = 0,
     workers: int | None = None,
@@ -127,8 +149,7 @@ def train_dictionaries(
     dictionary is the one `train_dictionary(hs[i], ...)` gives."""
     hs = [check_matrix(f"hs[{i}]", h) for i, h in enumerate(hs)]
     expansion = check_int_range("expansion", expansion, 1, 1024)
-    l1_coef = check_float_range("l1_coef", l1_coef, 0.0, float("inf"), high_open=True)
-    configs = [sae_module.SAEConfig(n_latents=expansion * h.shape[1], l1_coef=l1_coef, steps=steps, seed=seed)
-               for h in hs]
+    configs = [sae_module.SAEConfig(n_latents=expansion * h.shape[1], l1_coef=_l1_of(h, l1_coef), steps=steps,
+                                    seed=seed) for h in hs]
     return sae_module.train_saes_on([torch.as_tensor(h, dtype=torch.float32) for h in hs], configs, workers=workers,
                                     progress=False)

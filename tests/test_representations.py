@@ -79,3 +79,30 @@ def test_representation_errors(dictionary):
         representations.dictionary_code(h, {})
     with pytest.raises(ValueError, match=r"`expansion` must be in 1..1024; got 0"):
         representations.train_dictionary(h, expansion=0)
+
+
+def test_dictionary_l1_keeps_the_loss_balance_of_the_reference_at_any_scale_and_width():
+    rng = np.random.default_rng(3)
+    h = rng.normal(size=(400, 128)) + 5.0  # centred RMS about 1 at the reference width: DICTIONARY_L1 itself
+    assert representations.dictionary_l1(h) == pytest.approx(representations.DICTIONARY_L1, rel=0.03)
+    assert representations.dictionary_l1(0.3 * h) == pytest.approx(0.3 * representations.dictionary_l1(h))
+    wide = rng.normal(size=(400, 512))
+    assert representations.dictionary_l1(wide) == pytest.approx(representations.dictionary_l1(h) * 128 / 512, rel=0.03)
+    # why: h scaled by s with the decoder bias and the code scaled alike scales the loss by s² at the weight s·λ
+    # (the squared error is a mean over dimensions, the L1 a sum over latents), so the same dictionary is optimal
+    s, lam, model = 0.3, 0.01, sae.SAE(128, 256, seed=0)
+    x = torch.as_tensor(h[:64], dtype=torch.float32)
+    with torch.no_grad():
+        f = model.encode(x)
+        loss = torch.nn.functional.mse_loss(model.decode(f), x) + lam * f.sum() / len(x)
+        model.b_d.mul_(s)
+        scaled = torch.nn.functional.mse_loss(model.decode(s * f), s * x) + s * lam * (s * f).sum() / len(x)
+    assert float(scaled) == pytest.approx(s**2 * float(loss), rel=1e-5)
+
+
+def test_train_dictionary_takes_the_scaled_l1_by_default():
+    h = np.random.default_rng(4).normal(size=(200, 8)) * 0.5
+    trained = representations.train_dictionary(h, expansion=2, steps=5, seed=0)
+    assert trained.config.l1_coef == pytest.approx(representations.dictionary_l1(h))
+    with pytest.raises(ValueError, match="`l1_coef` must be"):
+        representations.train_dictionary(h, l1_coef=-1.0, steps=5)
