@@ -135,7 +135,7 @@ def make_virtual_neurons(
     Raises:
         ValueError: fewer than two compatible sources.
     """
-    from nbutils.models import check_layer, check_windows, is_gated
+    from nbutils.models import check_layer, is_gated
 
     layer = check_layer(model, layer)
     gated = is_gated(model)
@@ -147,6 +147,28 @@ def make_virtual_neurons(
     table = table if table is not None else clustering.polysemy_table(model, windows, top, layer, examples=examples)
     mono = table[~table.dead & (table.n_examples >= min_examples) & (table.effective_clusters > 0)
                  & (table.effective_clusters <= MONOSEMANTIC_CLUSTERS)].neuron.to_numpy()
+    info, (W, b), up = _source_candidates(model, windows, top, layer, mono, examples)
+    rows = _draw_sources(info, n_virtual, lo, hi, np.random.default_rng([seed, layer]))
+    if not rows:
+        fail("layer", "have at least two monosemantic neurons with different tokens and windows",
+             f"{len(info)} monosemantic neurons in layer {layer}", "Collect over more windows.")
+    sources = pd.DataFrame(rows, columns=["virtual", "neuron", "scale", "token", "up_scale"])
+    neuron, scale, up_scale = sources.neuron.to_numpy(), sources.scale.to_numpy(), sources.up_scale.to_numpy()
+    if not gated:
+        return VirtualNeurons(layer=layer, sources=sources.drop(columns="up_scale"), source_W=W[:, neuron] / scale,
+                              source_b=b[neuron] / scale)
+    W_up, b_up = up
+    return VirtualNeurons(layer=layer, sources=sources, source_W=W[:, neuron] / scale, source_b=b[neuron] / scale,
+                          source_W_up=W_up[:, neuron] / up_scale, source_b_up=b_up[neuron] / up_scale)
+
+
+def _source_candidates(model: Any, windows: Any, top: Any, layer: int, mono: np.ndarray,
+                       examples: clustering.LayerExamples | None) -> tuple[dict, tuple, tuple | None]:
+    """The usable sources among the monosemantic neurons `mono`: `{neuron: (example windows, most common token,
+    scale, up scale)}` for those whose (gate and up) pre-activation at their top example is positive, with the
+    layer's `(W, b)` and, gated, the up projection's `(W_up, b_up)` (float64, folded norm)."""
+    from nbutils.models import check_windows, is_gated
+
     if examples is not None:
         ex, bounds, W, b = examples.examples, examples.bounds, examples.W, examples.b
         h_top = examples.h[examples.inverse[bounds[mono]]]  # [n_mono, d_model] at each one's top example
@@ -161,17 +183,24 @@ def make_virtual_neurons(
                                             ex["pos"].to_numpy()[first], fold_ln=True)  # [n_mono, d_model]
         W, b = (t.numpy().astype(np.float64) for t in embeddings.mlp_in_weights(model, layer))
     window_col, pos_col, tokens = ex.window.to_numpy(), ex.pos.to_numpy(), windows.numpy()
-    if gated:  # W, b are the gate's (the default kind); the up projection in the same convention
-        W_up, b_up = (t.numpy().astype(np.float64) for t in embeddings.mlp_in_weights(model, layer, kind="up"))
-    info = {}  # neuron -> (example windows, most common token, scale, up scale)
+    up = None
+    if is_gated(model):  # W, b are the gate's (the default kind); the up projection in the same convention
+        up = tuple(t.numpy().astype(np.float64) for t in embeddings.mlp_in_weights(model, layer, kind="up"))
+    info = {}
     for j, h in zip(mono, h_top):
         rows = slice(bounds[j], bounds[j + 1])
         scale = float(h @ W[:, j] + b[j])  # pre-activation (gated: gate) at its top example
-        up_scale = float(h @ W_up[:, j] + b_up[j]) if gated else 1.0
+        up_scale = float(h @ up[0][:, j] + up[1][j]) if up is not None else 1.0
         if scale > 0 and up_scale > 0:
             info[j] = (set(window_col[rows].tolist()), int(np.bincount(tokens[window_col[rows], pos_col[rows]]).argmax()),
                        scale, up_scale)
-    rng = np.random.default_rng([seed, layer])
+    return info, (W, b), up
+
+
+def _draw_sources(info: dict, n_virtual: int, lo: int, hi: int, rng: np.random.Generator) -> list[tuple]:
+    """Rows `(virtual, neuron, scale, token, up_scale)`: virtual neuron v draws `lo + v % (hi - lo + 1)` sources in
+    a random order, each with a token and windows that no source already chosen has; one with fewer than two is
+    dropped (the numbering stays dense)."""
     candidates, rows = np.array(sorted(info)), []
     for v in range(n_virtual):
         m, chosen = lo + v % (hi - lo + 1), []
@@ -182,16 +211,7 @@ def make_virtual_neurons(
                     break
         if len(chosen) >= 2:
             rows += [(len({r[0] for r in rows}), j, info[j][2], info[j][1], info[j][3]) for j in chosen]
-    if not rows:
-        fail("layer", "have at least two monosemantic neurons with different tokens and windows",
-             f"{len(info)} monosemantic neurons in layer {layer}", "Collect over more windows.")
-    sources = pd.DataFrame(rows, columns=["virtual", "neuron", "scale", "token", "up_scale"])
-    neuron, scale, up_scale = sources.neuron.to_numpy(), sources.scale.to_numpy(), sources.up_scale.to_numpy()
-    if not gated:
-        return VirtualNeurons(layer=layer, sources=sources.drop(columns="up_scale"), source_W=W[:, neuron] / scale,
-                              source_b=b[neuron] / scale)
-    return VirtualNeurons(layer=layer, sources=sources, source_W=W[:, neuron] / scale, source_b=b[neuron] / scale,
-                          source_W_up=W_up[:, neuron] / up_scale, source_b_up=b_up[neuron] / up_scale)
+    return rows
 
 
 def virtual_activations(model: Any, virtual: VirtualNeurons, h: Any, neurons: Any = None) -> np.ndarray:
