@@ -47,6 +47,7 @@ from nbutils import cache as _cache
 from nbutils import mlp_forward, topk
 from nbutils._validation import check_float_range, check_index_array, check_int_range, fail
 from nbutils.models import check_layer, check_neuron, check_windows, hook_name
+from nbutils.residuals import ResidualStore
 
 __all__ = ["CollectSettings", "TopActivations", "collect_top_activations", "collect_top_units", "merge",
            "neuron_activations"]
@@ -279,6 +280,7 @@ def collect_top_activations(
     checkpoint_every: int = 50,
     progress: bool = True,
     plain_hf: bool = True,
+    residuals: ResidualStore | None = None,
 ) -> TopActivations:
     """Collect the top examples of every MLP neuron of every layer in one streaming pass over `windows`.
 
@@ -297,6 +299,9 @@ def collect_top_activations(
         plain_hf: run batches through a plain Hugging Face model sharing the bridge's parameters, with
             PyTorch hooks on its MLP activations (faster), instead of the bridge's hooks. Models whose plain
             model cannot be rebuilt use the bridge. The two agree to float rounding; the cache keeps them apart.
+        residuals: a `residuals.ResidualStore` of these windows to fill as the pass runs (the atlas's later passes
+            replay from it); it is usable only after a whole pass in this call (not one read from the cache, nor a
+            resumed one).
 
     Returns:
         `TopActivations`; `.examples` is the table `layer, neuron, window, pos, act`.
@@ -335,7 +340,10 @@ def collect_top_activations(
             act, window, pos = _read_state(run, run.checkpoint_path, table, model, settings.k)
             state = (topk.order_key(act, window).reshape(n_neurons, -1).to(_device(model)),
                      pos.reshape(n_neurons, -1).to(torch.int32).to(_device(model)))
-    state = _stream(forward, windows, state, done, settings, window_offset, checkpoint_every, run, progress)
+    state = _stream(forward, windows, state, done, settings, window_offset, checkpoint_every, run, progress,
+                    residuals)
+    if residuals is not None:
+        residuals.finish()
     result = topk.sorted_state(*state, n_layers)
     if run is not None:
         run.save_finished(_state_table(*result), {"n_layers": n_layers, "d_mlp": model.cfg.d_mlp})
@@ -405,6 +413,7 @@ def _stream(
     checkpoint_every: int,
     run: _cache.Run | None,
     progress: bool,
+    residuals: ResidualStore | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The loop: windows `done:` in batches, merged into `state`; a checkpoint every `checkpoint_every` batches."""
     from tqdm.auto import tqdm
@@ -418,7 +427,13 @@ def _stream(
             for i, start in enumerate(range(done, n_windows, settings.batch_size)):
                 batch = windows[start : start + settings.batch_size].to(device)  # [batch, window]
                 floor = state[0].amin(dim=-1)  # [n_neurons]
-                state = topk.merge_topk(state, _batch_candidates(forward, batch, window_offset + start, floor), settings.k)
+                handles = residuals.hooks(forward, start) if residuals is not None else []  # keep the norm inputs
+                try:
+                    candidates = _batch_candidates(forward, batch, window_offset + start, floor)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                state = topk.merge_topk(state, candidates, settings.k)
                 bar.update(batch.numel())
                 stop = start + batch.shape[0]
                 if run is not None and (i + 1) % checkpoint_every == 0 and stop < n_windows:

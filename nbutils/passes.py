@@ -21,6 +21,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from nbutils import mlp_forward
+from nbutils import residuals as residuals_module
 from nbutils.models import hook_name
 
 __all__ = ["read_layers"]
@@ -40,6 +41,7 @@ def read_layers(
     progress: bool = False,
     desc: str = "reading layers",
     plain_hf: bool = True,
+    residuals: Any = None,
 ) -> None:
     """Run `windows` through `model` in batches of `batch_size` rows, up to the MLP of the deepest of `layers`.
 
@@ -51,6 +53,8 @@ def read_layers(
             fired; `read[kind]` is `[hi - lo, window, d]` on the model's device (valid during the call only).
         progress: a tqdm bar over the tokens, titled `desc`.
         plain_hf: run through the plain Hugging Face model when it can show every kind (else the bridge).
+        residuals: a usable `residuals.ResidualStore` of these same windows: each layer's norm and MLP input
+            projection run on its stored rows instead of the model (same batches, same numbers).
     No input checks: callers check `layers` and `windows`.
     """
     from tqdm.auto import tqdm
@@ -81,16 +85,28 @@ def read_layers(
         def run(batch: Tensor) -> None:
             model.run_with_hooks(batch, fwd_hooks=hooks, return_type=None, stop_at_layer=layers[-1] + 1)
     else:
+        replay = None
+        if residuals is not None and residuals.usable and tuple(residuals.shape[:2]) == (n_windows, n_pos):
+            replay = {layer: residuals_module.replay_modules(forward, layer) for layer in layers}
+            replay = None if None in replay.values() else replay
+
         def read_and_stop(t: Tensor, layer: int, kind: str) -> None:
             read(t, layer, kind)
-            if layer == layers[-1] and layer not in held:  # the deepest layer is read: nothing more is needed
+            if layer not in held and (replay is not None or layer == layers[-1]):  # nothing more is needed
                 raise mlp_forward.StopForward
 
         handles = [tap.register(lambda t, l=layer, k=kind: read_and_stop(t, l, k))
                    for (layer, kind), tap in taps.items()]
 
         def run(batch: Tensor) -> None:
-            mlp_forward.run_plain(forward, batch)
+            if replay is None:
+                mlp_forward.run_plain(forward, batch)
+                return
+            for layer, (norm, mlp) in replay.items():  # the layer's norm and MLP on its stored input
+                try:
+                    mlp(norm(residuals.read_windows(layer, *bounds).to(device)))
+                except mlp_forward.StopForward:
+                    pass
 
     try:
         for lo in range(0, n_windows, batch_size):

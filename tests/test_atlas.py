@@ -94,6 +94,31 @@ def test_an_atlas_in_space_h_clusters_h_and_says_so(built, model, windows, tmp_p
         np.testing.assert_allclose(np.stack(vectors.vector.to_numpy()), h[centres[big]], rtol=1e-5, atol=1e-6)
 
 
+def _parquet_files(folder: Path) -> dict[str, pd.DataFrame]:
+    return {str(f.relative_to(folder)): pd.read_parquet(f) for f in sorted(folder.rglob("*.parquet"))}
+
+
+def test_a_build_replaying_stored_residuals_equals_one_running_the_model(model, windows, tmp_path, monkeypatch):
+    from nbutils import residuals
+
+    made = []
+    create = residuals.ResidualStore.create
+    monkeypatch.setattr(residuals.ResidualStore, "create", lambda *a: made.append(create(*a)) or made[-1])
+    replayed = atlas.build_atlas(model, windows, k=K, out=tmp_path / "r", cache_dir=tmp_path / "c1", progress=False)
+    assert len(made) == 1 and made[0].usable  # the layers pass and the cross activations replayed
+    assert not made[0].folder.exists()  # the store's scratch folder is gone with the build
+    monkeypatch.setattr(residuals, "DISK_BUDGET", 0)  # no store: every pass runs the model
+    ran = atlas.build_atlas(model, windows, k=K, out=tmp_path / "f", cache_dir=tmp_path / "c2", progress=False)
+    assert len(made) == 2 and made[1] is None
+    left, right = _parquet_files(replayed.path), _parquet_files(ran.path)
+    assert left.keys() == right.keys() and len(left) > 20
+    for name, table in left.items():
+        other = right[name]
+        if name == "similar.parquet":  # a dot product per request against the model's matrix product
+            np.testing.assert_allclose(table.pop("cross_act"), other.pop("cross_act"), rtol=1e-5, atol=1e-6)
+        pd.testing.assert_frame_equal(table, other, obj=name)
+
+
 def test_the_default_space_keeps_the_keys_of_atlases_built_before_it(built, tmp_path):
     assert "space" not in atlas.settings.key_settings(built.settings)
     assert atlas.settings.key_settings(atlas.AtlasSettings(space="h"))["space"] == "h"

@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from nbutils import _env, activations, clustering, embeddings, explorer, mlp_forward, models, passes
+from nbutils import _env, activations, clustering, embeddings, explorer, mlp_forward, models, passes, residuals
 
 TOL = 1e-4  # float32: sums of 64 products of O(1) numbers
 D_MODEL, N_LAYERS, D_MLP, N_CTX = 64, 2, 128, 64
@@ -105,15 +105,43 @@ def test_family_is_recognised(fam):
             assert models.hook_name(layer, kind, model) in model.hook_dict, (layer, kind)
 
 
-def _read(model, windows, layers, kinds, plain_hf):
+def _read(model, windows, layers, kinds, plain_hf, store=None):
     got: dict = {}
 
     def on_layer(layer, read, lo, hi):
         for kind, t in read.items():
             got.setdefault((layer, kind), []).append(t.clone())
 
-    passes.read_layers(model, windows, layers, kinds, on_layer, batch_size=7, plain_hf=plain_hf)
+    passes.read_layers(model, windows, layers, kinds, on_layer, batch_size=7, plain_hf=plain_hf, residuals=store)
     return {key: torch.cat(parts) for key, parts in got.items()}
+
+
+def test_replay_from_the_residual_store_is_the_forward(fam, tmp_path):
+    """The collection fills a residual store; the layers pass replayed from it reads what the forward reads, bit
+    for bit, and the cross activations computed from it agree with the forward's activations. OPT's layers run
+    their MLP without an MLP module, so its store is unusable and the passes run the model (same numbers)."""
+    from nbutils.atlas.similar_features import _stored_cross_acts
+
+    model, windows = fam["model"], fam["windows"]
+    store = residuals.ResidualStore.create(model, windows, tmp_path)
+    activations.collect_top_activations(model, windows, k=4, batch_size=7, use_cache=False, progress=False,
+                                        residuals=store)
+    assert store.usable == (fam["name"] != "opt")
+    layers = list(range(model.cfg.n_layers))
+    forward = _read(model, windows, layers, mlp_forward.PLAIN_KINDS, plain_hf=True)
+    replayed = _read(model, windows, layers, mlp_forward.PLAIN_KINDS, plain_hf=True, store=store)
+    assert replayed.keys() == forward.keys()
+    for key, t in forward.items():
+        assert torch.equal(replayed[key], t), key
+    if not store.usable:
+        return
+    rng = np.random.default_rng(0)
+    n = 300
+    window, pos = rng.integers(0, len(windows), n), rng.integers(0, windows.shape[1], n)
+    layer, neuron = rng.integers(0, model.cfg.n_layers, n), rng.integers(0, model.cfg.d_mlp, n)
+    got = _stored_cross_acts(model, store, window, pos, layer, neuron, chunk=64)
+    expected = np.array([forward[(l, "post")][w, p, j].item() for w, p, l, j in zip(window, pos, layer, neuron)])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_plain_pass_reads_the_bridge_hooks(fam):

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -26,8 +27,9 @@ from nbutils.atlas.reader import Atlas
 from nbutils.atlas.settings import FORMAT, AtlasSettings, LayerTables, key_settings
 from nbutils.atlas.similar_features import EXAMPLE_COLUMNS, similar_table
 from nbutils.atlas.units import NEURONS, Units
-from nbutils.cache import CacheError
+from nbutils.cache import CacheError, scratch_folder
 from nbutils.models import check_windows, hook_name
+from nbutils.residuals import ResidualStore
 
 __all__ = ["default_path", "build_atlas", "load_or_build"]
 
@@ -114,19 +116,21 @@ def build_atlas(
         _check_top_arg(model, windows, top, settings)
     folder = _open_folder(model, windows, settings, layer_list, out_path, cache_dir, source, sparse)
     bar = tqdm(total=len(step_names(layer_list)), desc="atlas steps", unit="step", disable=not progress)
-    try:
-        top = _collect_step(folder, model, windows, settings, top, cache_dir, progress, units)
-        bar.update(1)
-        runner = map_layers if map_layers is not None else (
-            lambda ls, st: layers_tables(model, windows, top, ls, st, progress=progress, workers=workers,
-                                         units=units))
-        _clusters_steps(folder, layer_list, settings, runner, bar)
-        _features_steps(folder, layer_list, settings, bar)
-        _env.release_freed_memory()
-        _similar_step(folder, model, windows, top, layer_list, settings, progress, units)
-        bar.update(1)
-    finally:
-        bar.close()
+    replayable = not folder.done("collect") and top is None and map_layers is None and units.dictionary is None
+    with _residual_store(model, windows, replayable) as residuals:
+        try:
+            top = _collect_step(folder, model, windows, settings, top, cache_dir, progress, units, residuals)
+            bar.update(1)
+            runner = map_layers if map_layers is not None else (
+                lambda ls, st: layers_tables(model, windows, top, ls, st, progress=progress, workers=workers,
+                                             units=units, residuals=residuals))
+            _clusters_steps(folder, layer_list, settings, runner, bar)
+            _features_steps(folder, layer_list, settings, bar)
+            _env.release_freed_memory()
+            _similar_step(folder, model, windows, top, layer_list, settings, progress, units, residuals)
+            bar.update(1)
+        finally:
+            bar.close()
     folder.manifest["status"] = "complete"
     folder.save()
     return Atlas.open(folder.path)
@@ -219,10 +223,22 @@ def _open_folder(model: Any, windows: Tensor, settings: AtlasSettings, layer_lis
     return folder
 
 
+@contextmanager
+def _residual_store(model: Any, windows: Tensor, wanted: bool) -> Iterator[ResidualStore | None]:
+    """A residual store for this build in a scratch folder (removed after it), when `wanted` and it fits its
+    budget (`residuals.ResidualStore.create`); else None, and the passes run the model."""
+    if not wanted:
+        yield None
+        return
+    with scratch_folder("atlas-x-") as scratch:
+        yield ResidualStore.create(model, windows, scratch)
+
+
 def _collect_step(folder: Folder, model: Any, windows: Tensor, settings: AtlasSettings, top: Any, cache_dir: Any,
-                  progress: bool, units: Units = NEURONS) -> activations.TopActivations:
+                  progress: bool, units: Units = NEURONS, residuals: ResidualStore | None = None
+                  ) -> activations.TopActivations:
     """`collect`: the top-k collection (or the given `top`; a dictionary's latents for an atlas of latents) with the
-    windows and the vocabulary."""
+    windows and the vocabulary; `residuals` is filled when the collection runs here."""
     if folder.done("collect"):
         return top if top is not None else read_top(folder)
     started = time.perf_counter()
@@ -234,7 +250,7 @@ def _collect_step(folder: Folder, model: Any, windows: Tensor, settings: AtlasSe
     elif top is None:
         top = activations.collect_top_activations(model, windows, k=settings.k, frac=settings.frac,
                                                   batch_size=settings.batch_size, cache_dir=cache_dir,
-                                                  progress=progress)
+                                                  progress=progress, residuals=residuals)
     vocab = vocab_of(model)
     folder.finish("collect", {
         "top.parquet": activations._state_table(top.act, top.window, top.pos),
@@ -281,7 +297,8 @@ def _features_steps(folder: Folder, layer_list: list[int], settings: AtlasSettin
 
 
 def _similar_step(folder: Folder, model: Any, windows: Tensor, top: activations.TopActivations,
-                  layer_list: list[int], settings: AtlasSettings, progress: bool, units: Units = NEURONS) -> None:
+                  layer_list: list[int], settings: AtlasSettings, progress: bool, units: Units = NEURONS,
+                  residuals: ResidualStore | None = None) -> None:
     """`similar`: nearest features of other neurons over all layers (`similar_table`)."""
     if folder.done("similar"):
         return
@@ -290,7 +307,8 @@ def _similar_step(folder: Folder, model: Any, windows: Tensor, top: activations.
                       ignore_index=True)
     table = similar_table(model, windows, feats, lambda l: pd.read_parquet(folder.file(layer_file("vectors", l))),
                           lambda l: pd.read_parquet(folder.file(layer_file("examples", l)), columns=EXAMPLE_COLUMNS),
-                          _max_act_by_layer(top), settings, int(windows.shape[1]), progress=progress, units=units)
+                          _max_act_by_layer(top), settings, int(windows.shape[1]), progress=progress, units=units,
+                          residuals=residuals)
     folder.finish("similar", {"similar.parquet": table}, time.perf_counter() - started)
 
 def _check_top_arg(model: Any, windows: Tensor, top: Any, settings: AtlasSettings) -> None:

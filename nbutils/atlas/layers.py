@@ -107,8 +107,8 @@ def _read_batch(g: _Gather, H: Tensor, P: Tensor, lo: int, hi: int, max_act: Ten
 
 
 def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], settings: AtlasSettings,
-                 progress: bool = False, spill: dict[int, Path] | None = None, units: Units = NEURONS
-                 ) -> dict[int, _Gather]:
+                 progress: bool = False, spill: dict[int, Path] | None = None, units: Units = NEURONS,
+                 residuals: Any = None) -> dict[int, _Gather]:
     """One pass over all the windows in fixed batches of `batch_size` (`passes.read_layers`), reading h and the
     activations of the units (`Units`) of every layer in `layers` at that layer's examples; h of a layer in
     `spill` goes to a file in the folder given there."""
@@ -121,7 +121,7 @@ def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], setti
                     top.max_act[top.row(layer)].float(), settings)
 
     read_layers(model, windows, layers, tuple(dict.fromkeys((h_kind, act_kind))), on_layer,
-                batch_size=settings.batch_size, progress=progress,
+                batch_size=settings.batch_size, progress=progress, residuals=residuals,
                 desc=f"reading h of layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}")
     return out
 
@@ -188,7 +188,7 @@ def _layer_bytes(top: Any, layer: int, d_model: int, settings: AtlasSettings, n_
 
 def layers_tables(model: Any, windows: Tensor, top: Any, layers: list[int], settings: AtlasSettings, *,
                   memory_budget: int = 1 << 30, progress: bool = False, spill_dir: str | os.PathLike | None = None,
-                  workers: int | None = None, units: Units = NEURONS) -> Iterator[LayerTables]:
+                  workers: int | None = None, units: Units = NEURONS, residuals: Any = None) -> Iterator[LayerTables]:
     """The `clusters` step of several layers, in process: one pass over the windows reads every layer (up to the
     deepest), then each layer is clustered in turn. The pre-MLP vectors of the first layers stay in memory while
     they fit in `memory_budget` bytes (default 1 GiB); those of the others go to files in `spill_dir` (default:
@@ -196,7 +196,8 @@ def layers_tables(model: Any, windows: Tensor, top: Any, layers: list[int], sett
     many layers there are, and memory holds the budget plus one layer. A killed build's spill folder is removed
     by the next build (`cache.scratch_folder`). `workers`: processes clustering each layer
     (`cluster_layer`); `units`: neurons, or a dictionary's latents (`Units`). The tables equal `layer_tables` of
-    each layer alone."""
+    each layer alone. `residuals`: a usable `residuals.ResidualStore` of these windows, replayed instead of running
+    the model (the same numbers)."""
     need = [_layer_bytes(top, layer, units.d_in(model), settings, int(windows.numel())) for layer in layers]
     used = sum(rest for _, rest in need)  # held for every layer during the pass
     spilled = []
@@ -207,7 +208,7 @@ def layers_tables(model: Any, windows: Tensor, top: Any, layers: list[int], sett
             used += h_bytes
     with scratch_folder("atlas-h-", spill_dir) as folder:
         gathered = _layers_pass(model, windows, top, layers, settings, progress=progress,
-                                spill={layer: Path(folder) for layer in spilled}, units=units)
+                                spill={layer: Path(folder) for layer in spilled}, units=units, residuals=residuals)
         for layer in layers:
             yield _layer_step(model, windows, top, layer, gathered.pop(layer), settings, units, workers=workers)
 

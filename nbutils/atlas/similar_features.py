@@ -95,16 +95,54 @@ def _cross_acts(model: Any, windows: Tensor, window: np.ndarray, pos: np.ndarray
     return values
 
 
+@torch.inference_mode()
+def _stored_cross_acts(model: Any, residuals: Any, window: np.ndarray, pos: np.ndarray, layer: np.ndarray,
+                       neuron: np.ndarray, chunk: int = 1 << 15) -> np.ndarray:
+    """`_cross_acts` of MLP neurons from a usable `residuals.ResidualStore`: per layer, each requested token's stored
+    row runs once through the layer's norm, then each request is one dot product with its neuron's input weights
+    (the unfolded convention, `embeddings.mlp_in_weights(fold_ln=False)`) and the activation function. No forward
+    pass; equal to one to float rounding (tested)."""
+    from nbutils import embeddings, mlp_forward
+    from nbutils.models import is_gated
+    from nbutils.residuals import replay_modules
+
+    forward = mlp_forward.mlp_forward(model, True)
+    device = next(model.parameters()).device
+    values = np.zeros(len(window), dtype=np.float32)
+    n_pos = residuals.shape[1]
+    for l in np.unique(layer).tolist():
+        norm = replay_modules(forward, l)[0]
+        weights = [embeddings.mlp_in_weights(model, l, fold_ln=False, kind=kind)
+                   for kind in (("gate", "up") if is_gated(model) else (None,))]
+        weights = [(W.T.contiguous().to(device), b.to(device)) for W, b in weights]  # [d_mlp, d_model], [d_mlp]
+        req = np.flatnonzero(layer == l)
+        unique, inverse = np.unique(window[req].astype(np.int64) * n_pos + pos[req], return_inverse=True)
+        inverse = inverse.reshape(-1)
+        order = np.argsort(inverse, kind="stable")  # requests by token
+        for index, rows in residuals.read_tokens(l, unique // n_pos, unique % n_pos):  # contiguous runs of tokens
+            x = norm(rows.to(device)).float()  # [n_tokens, d_model], what the MLP's in-projection reads
+            first, last = np.searchsorted(inverse[order], [index[0], index[-1] + 1])
+            for a in range(first, last, chunk):
+                r = order[a : min(a + chunk, last)]  # requests of these tokens
+                xs = x[torch.as_tensor(inverse[r] - index[0])]
+                js = torch.as_tensor(neuron[req[r]].astype(np.int64), device=device)
+                pres = [((xs * Wt[js]).sum(-1) + b[js]).double().cpu().numpy() for Wt, b in weights]
+                values[req[r]] = embeddings.mlp_activation(model, *pres).astype(np.float32)
+    return values
+
+
 def similar_table(model: Any, windows: Tensor, features: pd.DataFrame, vectors: Callable[[int], pd.DataFrame],
                   examples: Callable[[int], pd.DataFrame], max_act: np.ndarray, settings: AtlasSettings,
-                  n_pos: int, progress: bool = False, units: Units = NEURONS) -> pd.DataFrame:
+                  n_pos: int, progress: bool = False, units: Units = NEURONS, residuals: Any = None) -> pd.DataFrame:
     """The `similar` step: for every feature, its `n_similar` nearest features of other neurons (any layer).
 
     Args:
         features: the `features` rows of all layers; vectors: layer -> the central embeddings of that layer's
             features (`layer, neuron, cluster, vector`); examples: layer -> that layer's `examples` table
             (`EXAMPLE_COLUMNS` are enough); max_act: `[n_layers, n_units]`, indexed by layer; units: neurons or
-            a dictionary's latents (`Units`), whose activations the cross activation reads.
+            a dictionary's latents (`Units`), whose activations the cross activation reads; residuals: a usable
+            `residuals.ResidualStore` of these windows, from which the cross activations of neurons are computed
+            without running the model (`_stored_cross_acts`).
 
     Memory: the unit feature vectors (`[n_features, d_model]` float32, filled a layer at a time), one layer's
     examples at a time, every feature's example keys (int64, one per example of a feature), and
@@ -130,7 +168,7 @@ def similar_table(model: Any, windows: Tensor, features: pd.DataFrame, vectors: 
     pairs["shared_examples"] = _jaccard(members, i_idx, j_idx)
     del members
     pairs["cross_act"] = _mean_cross_act(model, windows, feats, tops, i_idx, j_idx, max_act, settings, n_pos, progress,
-                                         units)
+                                         units, residuals)
     return pairs[columns].sort_values(["layer", "neuron", "cluster", "rank"]).reset_index(drop=True)
 
 
@@ -228,7 +266,7 @@ def _jaccard(members: Ragged, i_idx: np.ndarray, j_idx: np.ndarray) -> np.ndarra
 
 def _mean_cross_act(model: Any, windows: Tensor, feats: _Features, tops: Ragged, i_idx: np.ndarray,
                     j_idx: np.ndarray, max_act: np.ndarray, settings: AtlasSettings, n_pos: int, progress: bool,
-                    units: Units = NEURONS) -> np.ndarray:
+                    units: Units = NEURONS, residuals: Any = None) -> np.ndarray:
     """Per pair `[n_pairs]`: mean activation of feature `j_idx[r]`'s neuron on feature `i_idx[r]`'s top examples,
     over that neuron's max activation; the requests are flat int32 arrays."""
     tm_key, tm_offsets = tops
@@ -239,9 +277,12 @@ def _mean_cross_act(model: Any, windows: Tensor, feats: _Features, tops: Ragged,
     req_key = tm_key[member]
     del member
     other_layer, other_neuron = feats.layer[j_idx][pair], feats.neuron[j_idx][pair]
-    vals = _cross_acts(model, windows, (req_key // n_pos).astype(np.int32), (req_key % n_pos).astype(np.int32),
-                       other_layer.astype(np.int32), other_neuron.astype(np.int32), settings.batch_size, progress,
-                       units)
+    request = ((req_key // n_pos).astype(np.int32), (req_key % n_pos).astype(np.int32), other_layer.astype(np.int32),
+               other_neuron.astype(np.int32))
+    if residuals is not None and residuals.usable and units.dictionary is None:
+        vals = _stored_cross_acts(model, residuals, *request)
+    else:
+        vals = _cross_acts(model, windows, *request, settings.batch_size, progress, units)
     del req_key
     scale = max_act[other_layer, other_neuron].astype(np.float64)
     rel = np.where(scale > 0, vals / np.where(scale > 0, scale, 1.0), np.nan)
