@@ -138,16 +138,19 @@ def _band_merge(g: _Gather, P: Tensor, lo: int, n_pos: int, max_act: Tensor, set
     pos = torch.arange(n_pos).repeat(batch)  # [n_tok]
     cand = _bands._batch_candidates(P.float().reshape(-1, d_mlp), _bands.priority(wid, pos), wid, pos, max_act,
                                     settings.bands, settings.per_band, threshold=g.band[0][..., -1])
-    cw, cp = cand[1].clamp(min=lo), cand[2]  # [d_mlp, bands, per_band]; empty slots point at a real token
-    at = cp[..., None] + torch.arange(-settings.before, settings.after + 1)  # [d_mlp, bands, per_band, width]
-    neuron = torch.arange(d_mlp)[:, None, None, None].expand_as(at)
-    ctx = P.float()[(cw - lo)[..., None].expand_as(at), at.clamp(0, n_pos - 1), neuron]
-    ctx = ctx.masked_fill((at < 0) | (at >= n_pos), float("nan"))
     both = [torch.cat([a, b], dim=-1) for a, b in zip(g.band, cand)]  # [d_mlp, bands, 2 * per_band] each
     prio, idx = torch.topk(both[0], k=settings.per_band, dim=-1, largest=False, sorted=True)
     g.band = (prio, *(t.gather(-1, idx) for t in both[1:]))
-    both_ctx = torch.cat([g.band_context, ctx], dim=2)  # [d_mlp, bands, 2 * per_band, width]
-    g.band_context = both_ctx.gather(2, idx[..., None].expand(-1, -1, -1, width))
+    old = idx.clamp(max=settings.per_band - 1)  # kept slots of the running sample keep their context
+    context = g.band_context.gather(2, old[..., None].expand(-1, -1, -1, width))  # [d_mlp, bands, per_band, width]
+    neuron, band, slot = torch.nonzero(idx >= settings.per_band, as_tuple=True)  # slots taken by this batch's tokens
+    if len(neuron):  # their context, read from this batch
+        came = idx[neuron, band, slot] - settings.per_band
+        w, p = cand[1][neuron, band, came].clamp(min=lo), cand[2][neuron, band, came]
+        at = p[:, None] + torch.arange(-settings.before, settings.after + 1)  # [n, width]
+        ctx = P.float()[(w - lo)[:, None], at.clamp(0, n_pos - 1), neuron[:, None]]
+        context[neuron, band, slot] = ctx.masked_fill((at < 0) | (at >= n_pos), float("nan"))
+    g.band_context = context
 
 
 def _band_table(g: _Gather, layer: int, vocab: list[str], windows: Tensor, settings: AtlasSettings) -> pd.DataFrame:
