@@ -95,11 +95,15 @@ def _gpt2_small_shaped(folder: Path, n_layers: int):
 def scale(args: argparse.Namespace) -> None:
     from nbutils import activations, atlas, data
 
+    if args.no_store:
+        from nbutils import residuals
+
+        residuals.DISK_BUDGET = 0
     root = Path(tempfile.mkdtemp(prefix="bench-atlas-"))
     model = _gpt2_small_shaped(root / "model", args.layers)
     windows = data.corpus_windows(model, n_windows=args.windows, window=64)
     print(f"model: {model.cfg.n_layers} layers x {model.cfg.d_mlp} neurons, d_model {model.cfg.d_model}; "
-          f"{len(windows)} windows x 64 tokens; peak RSS after loading {_peak_rss_gb():.2f} GB")
+          f"{len(windows)} windows x 64 tokens; peak RSS after loading {_peak_rss_gb():.2f} GiB")
     started = time.perf_counter()
     at = atlas.build_atlas(model, windows, k=128, frac=0.75, out=root / "atlas", cache_dir=root / "cache",
                            workers=args.workers)
@@ -109,7 +113,7 @@ def scale(args: argparse.Namespace) -> None:
     started = time.perf_counter()  # the collection alone, as `bench_collect.py` runs it: no residual store
     activations.collect_top_activations(model, windows, k=128, frac=0.75, use_cache=False, progress=False)
     alone = time.perf_counter() - started
-    print(f"build: {total:.0f} s in all; peak RSS {peak:.2f} GB; build / collection = {total / alone:.2f} "
+    print(f"build: {total:.0f} s in all; peak RSS {peak:.2f} GiB; build / collection = {total / alone:.2f} "
           f"(the collection alone {alone:.0f} s; the build's collect step, which also keeps the residual store, "
           f"{collect:.0f} s: build / collect step = {total / collect:.2f})")
     for step, info in at.manifest["steps"].items():
@@ -139,6 +143,7 @@ def main() -> None:
     s.add_argument("--windows", type=int, default=2000)
     s.add_argument("--layers", type=int, default=12)
     s.add_argument("--workers", type=int, default=None, help="processes clustering a layer (default: one per core)")
+    s.add_argument("--no-store", action="store_true", help="no residual store: every pass runs the model")
     args = parser.parse_args()
     page(args) if args.part == "page" else scale(args)
 
