@@ -9,7 +9,9 @@ drops them: one layer's activations of one batch are held at a time.
 The batches run through the plain Hugging Face model that shares the bridge's parameters
 (`mlp_forward.plain_taps`) when every hook asked for has a plain tap (the MLP's input, its normalised input and
 its activation), so a pass reads the same numbers as the top-k collection, at its speed; other hooks run
-through the bridge. The two agree to float rounding (tested per family).
+through the bridge. The two agree to float rounding (tested per family). Given a usable residual store of the same
+windows (`nbutils.residuals`, filled by the collection), the plain path runs only each layer's norm and MLP input
+projection on the stored rows: the same numbers, without the attention and the down projections.
 """
 
 from __future__ import annotations
@@ -85,10 +87,7 @@ def read_layers(
         def run(batch: Tensor) -> None:
             model.run_with_hooks(batch, fwd_hooks=hooks, return_type=None, stop_at_layer=layers[-1] + 1)
     else:
-        replay = None
-        if residuals is not None and residuals.usable and tuple(residuals.shape[:2]) == (n_windows, n_pos):
-            replay = {layer: residuals_module.replay_modules(forward, layer) for layer in layers}
-            replay = None if None in replay.values() else replay
+        replay = _replay_plan(residuals, forward, layers, (n_windows, n_pos))
 
         def read_and_stop(t: Tensor, layer: int, kind: str) -> None:
             read(t, layer, kind)
@@ -101,12 +100,8 @@ def read_layers(
         def run(batch: Tensor) -> None:
             if replay is None:
                 mlp_forward.run_plain(forward, batch)
-                return
-            for layer, (norm, mlp) in replay.items():  # the layer's norm and MLP on its stored input
-                try:
-                    mlp(norm(residuals.read_windows(layer, *bounds).to(device)))
-                except mlp_forward.StopForward:
-                    pass
+            else:
+                _replay(replay, residuals, *bounds, device)
 
     try:
         for lo in range(0, n_windows, batch_size):
@@ -117,3 +112,23 @@ def read_layers(
         for handle in handles:
             handle.remove()
         bar.close()
+
+
+def _replay_plan(residuals: Any, forward: mlp_forward.MlpForward, layers: list[int], shape: tuple[int, int]
+                 ) -> dict[int, tuple[Any, Any]] | None:
+    """`{layer: (norm, mlp)}` to replay from `residuals` (`residuals.replay_modules`), or None when there is no
+    usable store of windows of this `shape` or a layer cannot be replayed (the batches then run the model)."""
+    if residuals is None or not residuals.usable or tuple(residuals.shape[:2]) != tuple(shape):
+        return None
+    plan = {layer: residuals_module.replay_modules(forward, layer) for layer in layers}
+    return None if None in plan.values() else plan
+
+
+def _replay(plan: dict[int, tuple[Any, Any]], residuals: Any, lo: int, hi: int, device: torch.device) -> None:
+    """Each planned layer's norm and MLP on its stored input of windows `lo..hi - 1`; the taps read them and stop
+    each layer after its last tap."""
+    for layer, (norm, mlp) in plan.items():
+        try:
+            mlp(norm(residuals.read_windows(layer, lo, hi).to(device)))
+        except mlp_forward.StopForward:
+            pass
