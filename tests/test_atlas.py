@@ -369,7 +369,11 @@ def test_a_killed_build_resumes_to_the_same_atlas(tmp_path):
     assert _run_build(out, cache_dir, None) == 0
     resumed = atlas.Atlas.open(out)
     for name in ("neurons", "examples", "contexts", "features", "similar"):
-        pd.testing.assert_frame_equal(resumed.table(name), expected.table(name), check_exact=True)
+        left, right = resumed.table(name), expected.table(name)
+        if name == "similar":  # a build resumed after its collection has no residual store: its cross activations
+            # come from a forward pass, the uninterrupted build's from dot products on the store (float rounding)
+            np.testing.assert_allclose(left.pop("cross_act"), right.pop("cross_act"), rtol=1e-5, atol=1e-6)
+        pd.testing.assert_frame_equal(left, right, check_exact=True)
     assert torch.equal(resumed.windows, expected.windows)
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -119,7 +120,10 @@ def test_atlas_identical_to_in_process_build(cluster, model, tmp_path):
     built = scale.build_atlas_ray(None, SPEC, shards=4, out=tmp_path / "ray", cache_dir=tmp_path / "c2", **options)
     assert built.manifest["key_hash"] == reference.manifest["key_hash"]
     for name in ("neurons", "examples", "contexts", "features", "similar"):
-        pd.testing.assert_frame_equal(built.table(name), reference.table(name), obj=f"table {name}")
+        left, right = built.table(name), reference.table(name)
+        if name == "similar":  # in process, cross activations are dot products on the residual store; Ray runs the model
+            np.testing.assert_allclose(left.pop("cross_act"), right.pop("cross_act"), rtol=1e-5, atol=1e-6)
+        pd.testing.assert_frame_equal(left, right, obj=f"table {name}")
     assert built.manifest["steps"].keys() == reference.manifest["steps"].keys()
 
 
