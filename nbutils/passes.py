@@ -120,8 +120,7 @@ def _replay_plan(residuals: Any, forward: mlp_forward.MlpForward, layers: list[i
     usable store of windows of this `shape` or a layer cannot be replayed (the batches then run the model)."""
     if residuals is None or not residuals.usable or tuple(residuals.shape[:2]) != tuple(shape):
         return None
-    plan = {layer: residuals_module.replay_modules(forward, layer) for layer in layers}
-    return None if None in plan.values() else plan
+    return residuals_module.replay_modules(forward, layers)
 
 
 def _replay(plan: dict[int, tuple[Any, Any]], residuals: Any, lo: int, hi: int, device: torch.device) -> None:

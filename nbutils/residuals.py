@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,9 +34,9 @@ DISK_BUDGET = 16 << 30  # bytes a store may take on disk (GPT-2 small over 2,000
 _READ_WINDOWS = 256  # windows read at once when picking tokens (GPT-2 small: 50 MB)
 
 
-def replay_modules(forward: Any, layer: int) -> tuple[Any, Any] | None:
-    """`(norm, mlp)` modules of the plain model (`mlp_forward.MlpForward`) whose `mlp(norm(x))` is what the forward
-    runs at `layer`, or None (the bridge engine, or a norm the plain model does not name)."""
+def replay_modules(forward: Any, layers: Sequence[int]) -> dict[int, tuple[Any, Any]] | None:
+    """`{layer: (norm, mlp)}`: the modules of the plain model (`mlp_forward.MlpForward`) whose `mlp(norm(x))` is what
+    the forward runs at each of `layers`, or None (the bridge engine, or a norm the plain model does not name)."""
     if forward.plain is None:
         return None
     from nbutils.mlp_forward import _hf_names
@@ -44,13 +44,14 @@ def replay_modules(forward: Any, layer: int) -> tuple[Any, Any] | None:
 
     model = forward.model
     names = _hf_names(model.original_model)
-    found = []
-    for bridge in (mlp_norm(model, layer), model.blocks[layer].mlp):
-        path = names.get(id(getattr(bridge, "original_component", bridge)))
-        if path is None:
+    found: dict[int, tuple[Any, Any]] = {}
+    for layer in layers:
+        paths = [names.get(id(getattr(bridge, "original_component", bridge)))
+                 for bridge in (mlp_norm(model, layer), model.blocks[layer].mlp)]
+        if None in paths:
             return None
-        found.append(forward.plain.get_submodule(path))
-    return found[0], found[1]
+        found[layer] = (forward.plain.get_submodule(paths[0]), forward.plain.get_submodule(paths[1]))
+    return found
 
 
 def store_bytes(model: Any, windows: Tensor) -> int:
@@ -79,6 +80,7 @@ class ResidualStore:
         self._written = np.zeros(n_layers, dtype=np.int64)  # windows written in order, per layer
         self._checked = False  # the MLP's input was seen to be its norm's output
         self._broken = False
+        self._modules: dict[int, tuple[Any, Any]] | None = None  # (norm, mlp) per layer, found on the first batch
 
     @classmethod
     def create(cls, model: Any, windows: Tensor, folder: str | os.PathLike) -> "ResidualStore | None":
@@ -98,13 +100,11 @@ class ResidualStore:
         """Register, on the plain model, the hooks that write the norm inputs of every layer for the batch whose
         first window is `lo` (a row of the store). Returns the handles to remove; none when the modules are not
         found (the store then stays unusable)."""
+        if self._modules is None:
+            self._modules = replay_modules(forward, range(len(self._files))) or {}
+            self._broken = self._broken or not self._modules
         handles = []
-        for layer in range(len(self._files)):
-            modules = replay_modules(forward, layer)
-            if modules is None:
-                self._broken = True
-                return handles
-            norm, mlp = modules
+        for layer, (norm, mlp) in self._modules.items():
             seen: dict[str, Any] = {}
             handles.append(norm.register_forward_pre_hook(lambda m, args, l=layer: self._write(l, lo, args[0])))
             if not self._checked:

@@ -110,8 +110,8 @@ def _stored_cross_acts(model: Any, residuals: Any, window: np.ndarray, pos: np.n
     device = next(model.parameters()).device
     values = np.zeros(len(window), dtype=np.float32)
     n_pos = residuals.shape[1]
-    for l in np.unique(layer).tolist():
-        norm = replay_modules(forward, l)[0]
+    plan = replay_modules(forward, np.unique(layer).tolist())
+    for l, (norm, _) in plan.items():
         weights = [embeddings.mlp_in_weights(model, l, fold_ln=False, kind=kind)
                    for kind in (("gate", "up") if is_gated(model) else (None,))]
         weights = [(W.T.contiguous().to(device), b.to(device)) for W, b in weights]  # [d_mlp, d_model], [d_mlp]
