@@ -2,8 +2,8 @@
 
 `layers_tables` reads consecutive layers in one pass while their vectors fit a memory budget (`passes.read_layers`,
 fixed batches of all windows, so a layer's values do not depend on the group it was read in), then clusters each
-layer (`cluster_layer`: one neuron at a time, e = h ⊙ w or the settings' space, `clustering`) and turns the result into the layer's tables
-(`neurons`, `examples`, `contexts`, `vectors`, `bands`).
+layer (`cluster_layer`: one neuron at a time, e = h ⊙ w or the settings' space, `clustering`) and turns the
+result into the layer's tables (`neurons`, `examples`, `contexts`, `vectors`, `bands`).
 """
 
 from __future__ import annotations
@@ -272,8 +272,8 @@ PARALLEL_MIN_VALUES = 20_000_000
 def cluster_layer(lx: clustering.LayerExamples, settings: AtlasSettings, *, workers: int | None = None
                   ) -> ClusteredLayer:
     """Cluster every neuron's examples in the settings' space (`lx.vectors(neuron, settings.space)`: the neuron
-    embeddings `h ⊙ w` by default) with the settings' method (`clustering`), and find each cluster's centre, the tab rows and the 2-D map. Any unit whose examples embed as
-    `[n, d]` rows fits: `lx` says how.
+    embeddings `h ⊙ w` by default) with the settings' method (`clustering`), and find each cluster's centre, the
+    tab rows and the 2-D map. Any unit whose examples embed as `[n, d]` rows fits: `lx` says how.
 
     `workers` processes (default: one per core for a layer of at least `PARALLEL_MIN_VALUES` values, else 1)
     take contiguous blocks of neurons; each neuron is clustered alone on one thread, so the result does not depend

@@ -9,7 +9,8 @@ import pandas as pd
 from nbutils import activations, clustering
 from nbutils._validation import check_choice, check_int_range
 
-__all__ = ["FORMAT", "TABLES", "TEXT_CONTEXT", "CROSS_MEMBERS", "LABEL_TOKENS", "AtlasSettings", "key_settings", "LayerTables"]
+__all__ = ["FORMAT", "TABLES", "TEXT_CONTEXT", "CROSS_MEMBERS", "LABEL_TOKENS", "AtlasSettings", "key_settings",
+           "LayerTables"]
 
 FORMAT = 2  # bump when a table changes meaning (2: band samples per layer)
 TABLES = ("neurons", "examples", "contexts", "features", "similar", "windows", "vocab", "top")
