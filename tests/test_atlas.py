@@ -267,8 +267,8 @@ def test_foreign_truncated_and_mismatched_files_are_refused(built, model, window
 
 @pytest.mark.parametrize("chunk_bytes", [1, 4 * 37 * 5, 1 << 28])  # one row per block, 5 rows, one block
 def test_nearest_other_is_brute_force(chunk_bytes):
-    """The half-matrix search (each pair computed once) equals the brute-force nearest rows of other owners,
-    for any block size, with owners that leave some rows fewer than k candidates."""
+    """The search equals the brute-force nearest rows of other owners, for any block size, with owners that leave
+    some rows fewer than k candidates."""
     from nbutils.atlas.similar_features import _nearest_other
 
     rng = np.random.default_rng(0)
@@ -288,6 +288,58 @@ def test_nearest_other_is_brute_force(chunk_bytes):
         np.testing.assert_allclose(sim[i, :n_valid], cos[i, best], atol=1e-5)
         assert set(ind[i, :n_valid]) <= set(other) and len(set(ind[i, :n_valid])) == n_valid
         np.testing.assert_allclose(cos[i, ind[i, :n_valid]], cos[i, best], atol=1e-5)
+
+
+def _brute_nearest_other(u: np.ndarray, owner: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    cos = u.astype(np.float64) @ u.T.astype(np.float64)
+    cos[owner[:, None] == owner[None, :]] = -np.inf
+    ind = np.argsort(-cos, axis=1, kind="stable")[:, :k]
+    return ind, np.take_along_axis(cos, ind, axis=1)
+
+
+@pytest.mark.parametrize("noise, extra, researched_rows", [(0.01, 27, "most"), (1.0, 3, "some"), (1.0, 27, "none")])
+def test_nearest_other_proves_or_researches_every_row(monkeypatch, noise, extra, researched_rows):
+    """Rows drawn around 40 centres. With tight clusters (noise 0.01: neighbours closer than the bfloat16 rounding)
+    or few candidates, the bfloat16 ranking cannot prove some rows' candidates and those are searched again in
+    float32; with loose clusters and the default candidates, all are proven. Every row equals the float64 brute
+    force either way. Owners are shuffled, not contiguous."""
+    from nbutils.atlas import similar_features as sf
+
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((40, 48))
+    x = centres[rng.integers(0, 40, 1500)] + noise * rng.standard_normal((1500, 48))
+    u = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    owner = rng.permutation(np.repeat(np.arange(500), 3))
+    researched = []
+    real_search = sf._exact_rows
+    monkeypatch.setattr(sf, "CANDIDATE_EXTRA", extra)
+    monkeypatch.setattr(sf, "_exact_rows", lambda u32, own, rows, k: researched.append(len(rows))
+                        or real_search(u32, own, rows, k))
+    ind, sim = sf._nearest_other(u, owner, 5, chunk_bytes=2 * 1500 * 64)
+    want, cos = _brute_nearest_other(u, owner, 5)
+    np.testing.assert_allclose(sim, cos, atol=2e-6)
+    close = np.abs(cos[:, :, None] - cos[:, None, :]).min(axis=2) < 2e-6  # exact ties may swap
+    assert ((ind == want) | close).all()
+    n = sum(researched)
+    assert {"most": n > len(u) // 2, "some": 0 < n < len(u) // 2, "none": n == 0}[researched_rows], n
+
+
+def test_outside_bound_holds():
+    """The bfloat16 product never falls short of the float32 one by more than `_outside_bound` (before the
+    product's own bfloat16 rounding, which the search adds), on vectors of all signs and scales of coordinates."""
+    import torch
+
+    from nbutils.atlas.similar_features import _outside_bound
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((600, 768)) * rng.lognormal(0, 2, (1, 768))
+    u32 = torch.from_numpy((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+    u16 = u32.bfloat16()
+    exact = u32.double() @ u32.double().T
+    approx = u16.double() @ u16.double().T  # the bfloat16 product, accumulated exactly
+    bound = _outside_bound(u32, u16).double()
+    assert ((exact - approx).abs() <= bound[:, None]).all()
+    assert bound.max() < 0.02  # a bound the search can use: well below the gaps between neighbours
 
 
 def test_similar_step_refuses_features_without_a_central_embedding(built, model, windows):

@@ -157,3 +157,23 @@ def test_polysemy_plot():
     assert [t.get_text() for t in left.get_legend().get_texts()] == ["layer 0", "layer 1"]
     with pytest.raises(ValueError, match=r"`table` must have the columns of `clustering.polysemy_table`; got missing \['monosemanticity'\]"):
         viz.polysemy_plot(table.drop(columns="monosemanticity"))
+
+
+@pytest.mark.parametrize("n, d, rank", [(2, 5, 2), (3, 768, 3), (40, 16, 16), (128, 768, 128), (128, 768, 1)])
+def test_pca_2d_equals_the_svd_components(n, d, rank):
+    """The coordinates from the Gram matrix's eigenpairs are the SVD's `centred @ Vt[:2].T` (signs fixed the same
+    way), also for fewer dimensions than rows and for rank-deficient data, where the missing component is zero."""
+    rng = np.random.default_rng(n + d + rank)
+    e = rng.standard_normal((n, rank)) @ rng.standard_normal((rank, d)) * rng.lognormal(0, 1, (n, 1))
+    u = e / np.linalg.norm(e, axis=1, keepdims=True)
+    centred = u - u.mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    want = np.zeros((n, 2))
+    k = int(min(2, (s > 1e-9 * s[0]).sum()))
+    want[:, :k] = centred @ vt[:k].T
+    size = np.abs(want)
+    first = (size >= size.max(axis=0) * (1 - 1e-9)).argmax(axis=0)  # the first largest: two rows are a tie
+    want *= np.where(want[first, [0, 1]] < 0, -1.0, 1.0)
+    got = viz.pca_2d(e.astype(np.float32))
+    assert got.dtype == np.float32 and got.shape == (n, 2)
+    np.testing.assert_allclose(got, want, atol=2e-6)
