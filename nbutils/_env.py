@@ -8,7 +8,9 @@ full MNIST when online (`switch`).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 __all__ = ["DATA_DIR", "DEFAULT_MODEL_DIR", "cache_dir", "is_small", "hub_reachable", "switch"]
 
@@ -71,11 +73,49 @@ def available_cores() -> int:
 def release_freed_memory() -> None:
     """Return freed heap memory to the operating system (glibc's `malloc_trim`), so the resident size falls
     after a step that held large tables instead of staying at its high-water mark; does nothing without glibc."""
-    import ctypes
     import gc
 
     gc.collect()
+    _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    """glibc's `malloc_trim(0)`: free heap pages go back to the system; does nothing without glibc."""
+    import ctypes
+
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_AFTER_POOL = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 64 << 20}  # glibc's largest dynamic values
+
+
+@contextmanager
+def pooled_memory() -> Iterator[None]:
+    """Within the block, freed heap memory is kept for the next allocation instead of returned to the system.
+
+    A pass over a corpus allocates and frees the same large activations every batch (`[tokens, d_mlp]` float32 is
+    50 MB for 4,096 tokens of GPT-2 small). glibc maps each allocation above its mmap threshold (at most 32 MB unless
+    set) afresh and unmaps it on free, so every batch faults its pages in again: a quarter of a collection's time on
+    2 CPUs. Here the thresholds are raised for the block; after it, the freed memory goes back to the system
+    (`malloc_trim`) and the thresholds are left at glibc's own largest dynamic values (mmap 32 MB, trim
+    64 MB). Does nothing without glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        yield
+        return
+    set_ = [param for param in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD) if mallopt(param, 1 << 30) == 1]
+    try:
+        yield
+    finally:
+        for param in set_:
+            mallopt(param, _AFTER_POOL[param])
+        if set_:
+            _malloc_trim()

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from nbutils import cache as _cache
 from nbutils import mlp_forward, topk
+from nbutils._env import pooled_memory
 from nbutils._validation import check_float_range, check_index_array, check_int_range, fail
 from nbutils.models import check_layer, check_neuron, check_windows, hook_name
 from nbutils.residuals import ResidualStore
@@ -423,7 +424,7 @@ def _stream(
     bar = tqdm(total=n_windows * n_pos, initial=done * n_pos, unit="tok", unit_scale=True,
                desc="collecting top activations", disable=not progress)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), pooled_memory():  # the same large activations every batch
             for i, start in enumerate(range(done, n_windows, settings.batch_size)):
                 batch = windows[start : start + settings.batch_size].to(device)  # [batch, window]
                 floor = state[0].amin(dim=-1)  # [n_neurons]

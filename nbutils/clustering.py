@@ -137,13 +137,29 @@ def _check_threshold(method: str, threshold: Any) -> float:
 
 def _average_linkage_cut(sim: np.ndarray, t: float) -> np.ndarray:
     """Average-linkage clusters of a similarity matrix, merging while mean similarity >= t."""
-    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.cluster.hierarchy import linkage
     from scipy.spatial.distance import squareform
 
     dist = np.clip(squareform(1.0 - sim, checks=False), 0.0, 2.0)  # condensed [n (n - 1) / 2]
     tree = linkage(dist, method="average")
-    # fcluster keeps merges with height <= 1 - t, i.e. mean similarity >= t
-    return fcluster(tree, t=1.0 - t, criterion="distance")
+    return _cut_tree_at(tree, 1.0 - t)  # merges with height <= 1 - t, i.e. mean similarity >= t
+
+
+def _cut_tree_at(tree: np.ndarray, height: float) -> Int[np.ndarray, "n"]:
+    """Flat clusters of a linkage matrix `tree` `[n - 1, 4]` (scipy's format): the leaves under each highest node
+    whose subtree merges nothing above `height` form one cluster; every other leaf is alone. The partition of
+    `scipy.cluster.hierarchy.fcluster(tree, height, criterion="distance")` (labels numbered otherwise), without its
+    validation of the tree, which costs more than the cut itself for the small trees of one neuron."""
+    n = len(tree) + 1
+    merges = tree[:, :2].astype(np.int64).tolist()
+    highest = [0.0] * (n - 1)  # the highest merge in each node's subtree
+    for i, ((a, b), h) in enumerate(zip(merges, tree[:, 2].tolist())):
+        highest[i] = max(h, highest[a - n] if a >= n else h, highest[b - n] if b >= n else h)
+    label = list(range(2 * n - 1))  # each node's cluster: its own until a kept ancestor's reaches it
+    for i in range(n - 2, -1, -1):  # from the root down
+        if highest[i] <= height:
+            label[merges[i][0]] = label[merges[i][1]] = label[n + i]
+    return np.asarray(label[:n], dtype=np.int64)
 
 
 def neighbour_similarity(sim: Float[np.ndarray, "n n"], k: int = ADAPTIVE_NEIGHBOURS) -> float:

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from nbutils import mlp_forward
 from nbutils import residuals as residuals_module
+from nbutils._env import pooled_memory
 from nbutils.models import hook_name
 
 __all__ = ["read_layers"]
@@ -104,10 +105,11 @@ def read_layers(
                 _replay(replay, residuals, *bounds, device)
 
     try:
-        for lo in range(0, n_windows, batch_size):
-            bounds = (lo, min(lo + batch_size, n_windows))
-            run(windows[lo : bounds[1]].to(device))
-            bar.update((bounds[1] - lo) * n_pos)
+        with pooled_memory():  # the same large activations every batch
+            for lo in range(0, n_windows, batch_size):
+                bounds = (lo, min(lo + batch_size, n_windows))
+                run(windows[lo : bounds[1]].to(device))
+                bar.update((bounds[1] - lo) * n_pos)
     finally:
         for handle in handles:
             handle.remove()

@@ -63,6 +63,25 @@ def test_local_scale_keeps_a_weak_feature_beside_a_strong_one():
     assert np.allclose(scaled, scaled.T) and (np.diag(scaled) == 1).all() and np.abs(scaled).max() <= 1
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_cut_tree_at_is_fclusters_partition(seed):
+    """The cut equals scipy's fcluster (criterion "distance") as a partition, at every merge height of the tree
+    and between them, with duplicate rows (merges at height 0) and for 1 to 3 points."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import pdist
+
+    rng = np.random.default_rng(seed)
+    n = [2, 3, 9, 40, 128, 128][seed]
+    x = rng.standard_normal((n, 8)) + 3 * rng.standard_normal((4, 8))[rng.integers(0, 4, n)]
+    x[n // 2] = x[0]
+    tree = linkage(np.clip(pdist(x, metric="cosine"), 0.0, 2.0), method="average")
+    heights = np.concatenate([tree[:, 2], tree[:, 2] + 1e-9, [-1.0, 0.0, 3.0]])
+    for h in heights:
+        want = fcluster(tree, t=h, criterion="distance")
+        got = clustering._cut_tree_at(tree, h)
+        np.testing.assert_array_equal(clustering.canonical_labels(got), clustering.canonical_labels(want))
+
+
 def test_canonical_labels_orders_by_size_then_first_member():
     assert clustering.canonical_labels(np.array([5, 7, 7, -1, 5, 9, -1])).tolist() == [0, 1, 1, 2, 0, 3, 4]
 
