@@ -44,7 +44,8 @@ def _nearest_other(u: np.ndarray, owner: np.ndarray, k: int, chunk_bytes: int = 
     n = len(u)
     kk = min(k, n)
     order = np.argsort(owner, kind="stable")  # an owner's rows are contiguous: its mask is one band per block
-    u32 = torch.from_numpy(np.ascontiguousarray(u[order], dtype=np.float32))  # [n, d]
+    in_order = bool((order == np.arange(n)).all())  # as `similar_table` gives them: no copy
+    u32 = torch.from_numpy(np.ascontiguousarray(u if in_order else u[order], dtype=np.float32))  # [n, d]
     own = torch.from_numpy(np.asarray(owner)[order])
     own_from, own_to = torch.searchsorted(own, own), torch.searchsorted(own, own, right=True)  # [n] each
     u16 = u32.bfloat16()
@@ -100,8 +101,10 @@ def _outside_bound(u32: Tensor, u16: Tensor) -> Tensor:
     accumulation over d terms adds at most `d 2^-24 / (1 - d 2^-24) |u16_i| |u16_j|` (taken twice, for kernels
     that add pairs first)."""
     d = u32.shape[1]
-    r = (u32 - u16.float()).double().norm(dim=1)  # [n]
-    n32, n16 = u32.double().norm(dim=1), u16.double().norm(dim=1)
+    r, n32, n16 = (torch.empty(len(u32), dtype=torch.float64) for _ in range(3))  # [n] each
+    for lo in range(0, len(u32), 4096):  # in float64, a block of rows at a time
+        a, b = u32[lo : lo + 4096].double(), u16[lo : lo + 4096].double()
+        r[lo : lo + 4096], n32[lo : lo + 4096], n16[lo : lo + 4096] = (a - b).norm(dim=1), a.norm(dim=1), b.norm(dim=1)
     gamma = 2 * d * 2.0**-24 / (1 - d * 2.0**-24)
     return r * n32.max() + n16 * r.max() + gamma * n16 * n16.max() + 1e-12
 
