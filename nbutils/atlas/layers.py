@@ -344,17 +344,19 @@ def _shown_rows(labels: np.ndarray, centres: np.ndarray, shown: int) -> np.ndarr
 
 def _examples_table(model: Any, windows: Tensor, ex: pd.DataFrame, done: ClusteredLayer, vocab: list[str]
                     ) -> pd.DataFrame:
-    n = len(ex)
-    token_id = windows[torch.as_tensor(ex["window"].to_numpy(np.int64).copy()),
-                       torch.as_tensor(ex["pos"].to_numpy(np.int64).copy())].numpy().astype(np.int64)
+    n, n_pos = len(ex), windows.shape[1]
+    window, pos = ex["window"].to_numpy(np.int64), ex["pos"].to_numpy(np.int64)
+    token_id = windows[torch.as_tensor(window.copy()), torch.as_tensor(pos.copy())].numpy().astype(np.int64)
+    tokens, inverse = np.unique(window * n_pos + pos, return_inverse=True)  # a token is often several neurons' example
     text_ids = [windows[w, max(0, p - TEXT_CONTEXT + 1) : p + 1].tolist()
-                for w, p in zip(ex["window"].to_numpy(), ex["pos"].to_numpy())]
+                for w, p in zip(tokens // n_pos, tokens % n_pos)]
+    context = np.asarray(model.tokenizer.batch_decode(text_ids) if n else [], dtype=object)[inverse.reshape(-1)]
     return pd.DataFrame({
         "layer": ex["layer"].to_numpy(np.int64), "neuron": ex["neuron"].to_numpy(np.int64),
         "window": ex["window"].to_numpy(np.int64), "pos": ex["pos"].to_numpy(np.int64),
         "act": ex["act"].to_numpy(np.float32), "cluster": done.cluster, "is_central": done.central,
-        "shown": done.shown, "token_id": token_id, "token": [vocab[t] for t in token_id],
-        "context": model.tokenizer.batch_decode(text_ids) if n else [], "x": done.xy[:, 0], "y": done.xy[:, 1],
+        "shown": done.shown, "token_id": token_id, "token": np.asarray(vocab, dtype=object)[token_id],
+        "context": context, "x": done.xy[:, 0], "y": done.xy[:, 1],
     })
 
 
