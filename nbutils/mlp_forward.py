@@ -14,6 +14,7 @@ the input of its in-projection, the normalised vector is the MLP norm's input no
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -82,12 +83,33 @@ def mlp_forward(model: Any, plain_hf: bool) -> MlpForward:
         return MlpForward(model, n_layers)
     import itertools
 
-    from transformers import AutoModelForCausalLM
-
     tensors: dict[str, Tensor] = {}  # the bridge's parameters under their Hugging Face names
     for name, t in itertools.chain(inner.named_parameters(remove_duplicate=False),
                                    inner.named_buffers(remove_duplicate=False)):
         tensors.setdefault(name.replace("._original_component", ""), t)
+    shared = tuple(id(t) for t in tensors.values())  # the plain model holds these tensors: no id is reused
+    built = _PLAIN.get(model)
+    if built is None or built[0] != shared:  # first use, or a parameter of the bridge was replaced
+        forward = _plain_forward(model, config, tensors, paths, path is None)
+        built = _PLAIN[model] = (shared, forward.plain, forward.act_modules, forward.reads_input)
+    return MlpForward(model, n_layers, *built[1:])
+
+
+# each bridge's plain model (None: the bridge's own forward), its activation modules and how they show the
+# activation, with the ids of the tensors it shares: built once (tens of ms) and dropped with the bridge; the values
+# do not refer to the bridge, which would keep it alive
+_PLAIN: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _plain_forward(model: Any, config: Any, tensors: dict[str, Tensor], paths: list[str], reads_input: bool
+                   ) -> MlpForward:
+    """The plain Hugging Face model of `config` on the bridge's `tensors` (no copy), or the bridge's own forward
+    when a tensor is missing."""
+    import itertools
+
+    from transformers import AutoModelForCausalLM
+
+    n_layers = model.cfg.n_layers
     with torch.device("meta"):  # no memory, no initialisation: every tensor is assigned below
         plain = AutoModelForCausalLM.from_config(config)
     wanted = list(plain.state_dict())
@@ -102,7 +124,7 @@ def mlp_forward(model: Any, plain_hf: bool) -> MlpForward:
         return MlpForward(model, n_layers)
     plain.eval()
     modules = tuple(plain.get_submodule(p) for p in paths)
-    return MlpForward(model, n_layers, plain, modules, reads_input=path is None)
+    return MlpForward(model, n_layers, plain, modules, reads_input=reads_input)
 
 
 def run_plain(forward: MlpForward, batch: Tensor) -> None:

@@ -185,6 +185,28 @@ def test_plain_forward_matches_bridge_hooks(model, windows, full_acts):
     assert mlp_forward.mlp_forward(model, plain_hf=False).engine == "bridge"
 
 
+def test_plain_model_is_built_once_per_bridge_and_follows_a_replaced_parameter():
+    """The plain model is reused across passes, rebuilt on the new tensor when a parameter of the bridge is
+    replaced, and does not keep the bridge alive."""
+    import gc
+    import weakref
+
+    from nbutils import models
+
+    bridge = models.load_model()
+    first = mlp_forward.mlp_forward(bridge, plain_hf=True)
+    assert mlp_forward.mlp_forward(bridge, plain_hf=True).plain is first.plain
+    owner = next(m for m in bridge.original_model.modules() if "weight" in m._parameters)
+    owner.weight = torch.nn.Parameter(owner.weight.detach().clone())
+    second = mlp_forward.mlp_forward(bridge, plain_hf=True)
+    assert second.plain is not first.plain
+    assert owner.weight.data_ptr() in {p.data_ptr() for p in second.plain.parameters()}
+    alive = weakref.ref(bridge)
+    del bridge, first, second, owner
+    gc.collect()
+    assert alive() is None
+
+
 def test_engines_agree(model, windows, top):
     bridge = _collect(model, windows, plain_hf=False)
     torch.testing.assert_close(bridge.act, top.act, rtol=1e-5, atol=1e-5)
