@@ -165,7 +165,7 @@ def _stored_cross_acts(model: Any, residuals: Any, window: np.ndarray, pos: np.n
                 r = order[a : min(a + chunk, last)]  # requests of these tokens
                 xs = x[torch.as_tensor(inverse[r] - index[0])]
                 js = torch.as_tensor(neuron[req[r]].astype(np.int64), device=device)
-                pres = [((xs * Wt[js]).sum(-1) + b[js]).double().cpu().numpy() for Wt, b in weights]
+                pres = [(Wt[js].mul_(xs).sum(-1) + b[js]).double().cpu().numpy() for Wt, b in weights]  # one [n, d]
                 values[req[r]] = embeddings.mlp_activation(model, *pres).astype(np.float32)
     return values
 
