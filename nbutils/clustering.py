@@ -146,12 +146,10 @@ def _average_linkage_cut(sim: np.ndarray, t: float) -> np.ndarray:
 
 
 def _cut_tree_at(tree: np.ndarray, height: float) -> Int[np.ndarray, "n"]:
-    """Flat clusters of a linkage matrix `tree` `[n - 1, 4]` (scipy's format): the leaves under each highest node
-    whose subtree merges nothing above `height` form one cluster; every other leaf is alone. The partition of
-    `scipy.cluster.hierarchy.fcluster(tree, height, criterion="distance")` (labels numbered otherwise), without its
-    validation of the tree, which costs more than the cut itself for the small trees of one neuron."""
-    n = len(tree) + 1
-    merges = tree[:, :2].astype(np.int64).tolist()
+    """The partition of scipy's `fcluster(tree, height, criterion="distance")` for a linkage matrix `[n - 1, 4]`
+    (leaves under a highest node whose subtree merges nothing above `height` are one cluster), without its
+    validation of the tree, which costs more than the cut for the small trees of one neuron."""
+    n, merges = len(tree) + 1, tree[:, :2].astype(np.int64).tolist()
     highest = [0.0] * (n - 1)  # the highest merge in each node's subtree
     for i, ((a, b), h) in enumerate(zip(merges, tree[:, 2].tolist())):
         highest[i] = max(h, highest[a - n] if a >= n else h, highest[b - n] if b >= n else h)
@@ -373,12 +371,8 @@ def example_text(model: Any, windows: Any, window_ids: Any, positions: Any, *, c
     window_ids = check_index_array("window_ids", window_ids, windows.shape[0])
     positions = check_index_array("positions", positions, windows.shape[1])
     check_same_length(window_ids=window_ids, positions=positions)
-    tokenizer = model.tokenizer
-    out = []
-    for w, p in zip(window_ids, positions):
-        ids = windows[int(w), max(0, int(p) - context + 1) : int(p) + 1].tolist()
-        out.append(tokenizer.decode(ids))
-    return out
+    return [model.tokenizer.decode(windows[int(w), max(0, int(p) - context + 1) : int(p) + 1].tolist())
+            for w, p in zip(window_ids, positions)]
 
 
 def neuron_clusters(
@@ -433,7 +427,7 @@ def neuron_clusters(
     centres = _central_from_similarity(sim, labels)
     is_central = np.zeros(len(ex), dtype=bool)
     is_central[centres] = True
-    tokens = windows[_torch_index(ex["window"]), _torch_index(ex["pos"])].tolist()
+    tokens = windows[np.array(ex["window"], dtype=np.int64), np.array(ex["pos"], dtype=np.int64)].tolist()
     return pd.DataFrame({
         "window": ex["window"].to_numpy(),
         "pos": ex["pos"].to_numpy(),
@@ -443,12 +437,6 @@ def neuron_clusters(
         "text": example_text(model, windows, ex["window"], ex["pos"], context=context),
         "token": [model.tokenizer.decode([tok]) for tok in tokens],
     })
-
-
-def _torch_index(values: Any) -> Any:
-    import torch
-
-    return torch.as_tensor(np.array(values, dtype=np.int64))
 
 
 _LENGTH_STEP = 8  # windows run only up to their last needed position, rounded up to a multiple of this
@@ -475,7 +463,7 @@ def _pre_mlp_vectors(
         group = np.flatnonzero(length == L)  # unique windows of this length
         rows = np.flatnonzero(np.isin(inverse, group))  # examples from them
         local = np.searchsorted(group, inverse[rows])  # their row in the sub-batch
-        sub = windows[_torch_index(unique[group]), : int(L)]  # [n_group, L]
+        sub = windows[unique[group], : int(L)]  # [n_group, L]
         h = embeddings.pre_mlp_vectors(model, sub, layer, local, positions[rows], fold_ln=fold_ln,
                                        batch_size=batch_size)
         out[rows] = h.numpy()
