@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -75,8 +76,6 @@ def page(args: argparse.Namespace) -> None:
 
 
 def _gpt2_small_shaped(folder: Path, n_layers: int):
-    import shutil
-
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -100,38 +99,41 @@ def scale(args: argparse.Namespace) -> None:
 
         residuals.DISK_BUDGET = 0
     root = Path(tempfile.mkdtemp(prefix="bench-atlas-"))
-    model = _gpt2_small_shaped(root / "model", args.layers)
-    windows = data.corpus_windows(model, n_windows=args.windows, window=64)
-    print(f"model: {model.cfg.n_layers} layers x {model.cfg.d_mlp} neurons, d_model {model.cfg.d_model}; "
-          f"{len(windows)} windows x 64 tokens; peak RSS after loading {_peak_rss_gb():.2f} GiB")
-    started = time.perf_counter()
-    at = atlas.build_atlas(model, windows, k=128, frac=0.75, out=root / "atlas", cache_dir=root / "cache",
-                           workers=args.workers)
-    total = time.perf_counter() - started
-    peak = _peak_rss_gb()
-    collect = at.manifest["steps"]["collect"]["seconds"]
-    started = time.perf_counter()  # the collection alone, as `bench_collect.py` runs it: no residual store
-    activations.collect_top_activations(model, windows, k=128, frac=0.75, use_cache=False, progress=False)
-    alone = time.perf_counter() - started
-    print(f"build: {total:.0f} s in all; peak RSS {peak:.2f} GiB; build / collection = {total / alone:.2f} "
-          f"(the collection alone {alone:.0f} s; the build's collect step, which also keeps the residual store, "
-          f"{collect:.0f} s: build / collect step = {total / collect:.2f})")
-    for step, info in at.manifest["steps"].items():
-        print(f"  {step:<22} {info['seconds']:8.1f} s")
-    print(at.info())
-    del model
-    opened = atlas.Atlas.open(at.path)
-    token = opened.sql("SELECT token FROM examples GROUP BY token ORDER BY count(*) DESC LIMIT 1")["token"].iloc[0]
-    for name, query in [("most_polysemantic(20), all layers", lambda a: a.most_polysemantic(20)),
-                        (f"search(token={token!r})", lambda a: a.search(token=token)),
-                        ("search(text='the')", lambda a: a.search(text="the"))]:
-        times = []
-        for _ in range(5):
-            fresh = atlas.Atlas.open(at.path)  # a cold connection each time
-            t = time.perf_counter()
-            query(fresh)
-            times.append(time.perf_counter() - t)
-        print(f"{name:<40} median {statistics.median(times):.3f} s")
+    try:
+        model = _gpt2_small_shaped(root / "model", args.layers)
+        windows = data.corpus_windows(model, n_windows=args.windows, window=64)
+        print(f"model: {model.cfg.n_layers} layers x {model.cfg.d_mlp} neurons, d_model {model.cfg.d_model}; "
+              f"{len(windows)} windows x 64 tokens; peak RSS after loading {_peak_rss_gb():.2f} GiB")
+        started = time.perf_counter()
+        at = atlas.build_atlas(model, windows, k=128, frac=0.75, out=root / "atlas", cache_dir=root / "cache",
+                               workers=args.workers)
+        total = time.perf_counter() - started
+        peak = _peak_rss_gb()
+        collect = at.manifest["steps"]["collect"]["seconds"]
+        started = time.perf_counter()  # the collection alone, as `bench_collect.py` runs it: no residual store
+        activations.collect_top_activations(model, windows, k=128, frac=0.75, use_cache=False, progress=False)
+        alone = time.perf_counter() - started
+        print(f"build: {total:.0f} s in all; peak RSS {peak:.2f} GiB; build / collection = {total / alone:.2f} "
+              f"(the collection alone {alone:.0f} s; the build's collect step, which also keeps the residual store, "
+              f"{collect:.0f} s: build / collect step = {total / collect:.2f})")
+        for step, info in at.manifest["steps"].items():
+            print(f"  {step:<22} {info['seconds']:8.1f} s")
+        print(at.info())
+        del model
+        opened = atlas.Atlas.open(at.path)
+        token = opened.sql("SELECT token FROM examples GROUP BY token ORDER BY count(*) DESC LIMIT 1")["token"].iloc[0]
+        for name, query in [("most_polysemantic(20), all layers", lambda a: a.most_polysemantic(20)),
+                            (f"search(token={token!r})", lambda a: a.search(token=token)),
+                            ("search(text='the')", lambda a: a.search(text="the"))]:
+            times = []
+            for _ in range(5):
+                fresh = atlas.Atlas.open(at.path)  # a cold connection each time
+                t = time.perf_counter()
+                query(fresh)
+                times.append(time.perf_counter() - t)
+            print(f"{name:<40} median {statistics.median(times):.3f} s")
+    finally:  # the model and the atlas take over a gigabyte
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> None:

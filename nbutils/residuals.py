@@ -86,8 +86,14 @@ class ResidualStore:
     def create(cls, model: Any, windows: Tensor, folder: str | os.PathLike) -> "ResidualStore | None":
         """A store for `windows` in `folder`, or None when it would take more than `DISK_BUDGET` or half the free
         space there."""
-        need = store_bytes(model, windows)
-        if need > DISK_BUDGET or need > shutil.disk_usage(folder).free // 2:
+        need, free = store_bytes(model, windows), shutil.disk_usage(folder).free
+        if need > DISK_BUDGET or need > free // 2:
+            import warnings
+
+            warnings.warn(f"No residual store: it would take {need / 1e9:.1f} GB, against a budget of "
+                          f"{DISK_BUDGET / 1e9:.1f} GB (`residuals.DISK_BUDGET`) and {free / 1e9:.1f} GB free in "
+                          f"{folder}, of which it may take half. Every pass runs the model instead: slower, the "
+                          "same tables.", stacklevel=2)
             return None
         dtype = next(model.parameters()).dtype
         return cls(folder, model.cfg.n_layers, (windows.shape[0], windows.shape[1], model.cfg.d_model), dtype)

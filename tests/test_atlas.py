@@ -107,8 +107,9 @@ def test_a_build_replaying_stored_residuals_equals_one_running_the_model(model, 
     replayed = atlas.build_atlas(model, windows, k=K, out=tmp_path / "r", cache_dir=tmp_path / "c1", progress=False)
     assert len(made) == 1 and made[0].usable  # the layers pass and the cross activations replayed
     assert not made[0].folder.exists()  # the store's scratch folder is gone with the build
-    monkeypatch.setattr(residuals, "DISK_BUDGET", 0)  # no store: every pass runs the model
-    ran = atlas.build_atlas(model, windows, k=K, out=tmp_path / "f", cache_dir=tmp_path / "c2", progress=False)
+    monkeypatch.setattr(residuals, "DISK_BUDGET", 0)  # no store: every pass runs the model, and the build says why
+    with pytest.warns(UserWarning, match=r"No residual store: it would take .* budget of 0\.0 GB"):
+        ran = atlas.build_atlas(model, windows, k=K, out=tmp_path / "f", cache_dir=tmp_path / "c2", progress=False)
     assert len(made) == 2 and made[1] is None
     left, right = _parquet_files(replayed.path), _parquet_files(ran.path)
     assert left.keys() == right.keys() and len(left) > 20
