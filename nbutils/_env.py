@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 __all__ = ["DATA_DIR", "DEFAULT_MODEL_DIR", "cache_dir", "is_small", "hub_reachable", "switch"]
 
@@ -79,14 +79,22 @@ def release_freed_memory() -> None:
     _malloc_trim()
 
 
-def _malloc_trim() -> None:
-    """glibc's `malloc_trim(0)`: free heap pages go back to the system; does nothing without glibc."""
+def _glibc() -> Any:
+    """The C library when it is glibc (with `malloc_trim` and `mallopt`), else None."""
     import ctypes
 
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+def _malloc_trim() -> None:
+    """glibc's `malloc_trim(0)`: free heap pages go back to the system; does nothing without glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
@@ -103,19 +111,13 @@ def pooled_memory() -> Iterator[None]:
     2 CPUs. Here the thresholds are raised for the block; after it, the freed memory goes back to the system
     (`malloc_trim`) and the thresholds are left at glibc's own largest dynamic values (mmap 32 MB, trim
     64 MB). Does nothing without glibc."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        yield
-        return
-    set_ = [param for param in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD) if mallopt(param, 1 << 30) == 1]
+    libc = _glibc()
+    params = (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD) if libc is not None else ()
+    set_ = [param for param in params if libc.mallopt(param, 1 << 30) == 1]
     try:
         yield
     finally:
         for param in set_:
-            mallopt(param, _AFTER_POOL[param])
+            libc.mallopt(param, _AFTER_POOL[param])
         if set_:
-            _malloc_trim()
+            libc.malloc_trim(0)

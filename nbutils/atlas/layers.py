@@ -352,8 +352,8 @@ def _examples_table(model: Any, windows: Tensor, ex: pd.DataFrame, done: Cluster
                 for w, p in zip(tokens // n_pos, tokens % n_pos)]
     context = np.asarray(model.tokenizer.batch_decode(text_ids) if n else [], dtype=object)[inverse.reshape(-1)]
     return pd.DataFrame({
-        "layer": ex["layer"].to_numpy(np.int64), "neuron": ex["neuron"].to_numpy(np.int64),
-        "window": ex["window"].to_numpy(np.int64), "pos": ex["pos"].to_numpy(np.int64),
+        "layer": ex["layer"].to_numpy(np.int64), "neuron": ex["neuron"].to_numpy(np.int64), "window": window,
+        "pos": pos,
         "act": ex["act"].to_numpy(np.float32), "cluster": done.cluster, "is_central": done.central,
         "shown": done.shown, "token_id": token_id, "token": np.asarray(vocab, dtype=object)[token_id],
         "context": context, "x": done.xy[:, 0], "y": done.xy[:, 1],

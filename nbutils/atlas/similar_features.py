@@ -103,8 +103,9 @@ def _outside_bound(u32: Tensor, u16: Tensor) -> Tensor:
     d = u32.shape[1]
     r, n32, n16 = (torch.empty(len(u32), dtype=torch.float64) for _ in range(3))  # [n] each
     for lo in range(0, len(u32), 4096):  # in float64, a block of rows at a time
-        a, b = u32[lo : lo + 4096].double(), u16[lo : lo + 4096].double()
-        r[lo : lo + 4096], n32[lo : lo + 4096], n16[lo : lo + 4096] = (a - b).norm(dim=1), a.norm(dim=1), b.norm(dim=1)
+        rows = slice(lo, lo + 4096)
+        a, b = u32[rows].double(), u16[rows].double()
+        r[rows], n32[rows], n16[rows] = (a - b).norm(dim=1), a.norm(dim=1), b.norm(dim=1)
     gamma = 2 * d * 2.0**-24 / (1 - d * 2.0**-24)
     return r * n32.max() + n16 * r.max() + gamma * n16 * n16.max() + 1e-12
 
