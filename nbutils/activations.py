@@ -203,39 +203,22 @@ class TopActivations:
 # One batch through the model
 
 
-def _batch_candidates(
-    forward: mlp_forward.MlpForward, batch: Tensor, first_window: int, floor: Tensor
-) -> tuple[Tensor, Tensor]:
+def _batch_candidates(forward: mlp_forward.MlpForward, batch: Tensor, first_window: int) -> tuple[Tensor, Tensor]:
     """Run one batch up to the last MLP and reduce each layer's activations to one candidate per
-    (neuron, window) on the device: the max over positions and where it is.
+    (neuron, window) on the device: the max over positions and where it first reaches it.
 
-    Args:
-        floor: `[n_layers * d_mlp]` each neuron's lowest key in the running top-k (`topk.EMPTY` while a slot is free).
-
-    Returns (key, pos) `[n_layers * d_mlp, batch]` (`topk.order_key`). The position is found only for candidates
-    whose key is above their neuron's `floor` (the only ones that can enter the top-k); it is 0 elsewhere.
+    Returns (key, pos) `[n_layers * d_mlp, batch]` (`topk.order_key`; int32 positions).
     Raises `ValueError` on NaN or inf.
     """
     n_layers, n_batch, n_pos = forward.n_layers, batch.shape[0], batch.shape[1]
-    keys: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
+    tops: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
     where: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
-    ids = torch.arange(first_window, first_window + n_batch, device=batch.device)  # [batch]
 
     def reduce(layer: int):
         def hook(act: Tensor) -> None:  # act: [batch, pos, d_mlp] (OPT's plain model: [batch * pos, d_mlp])
             act = act.reshape(n_batch, n_pos, -1)  # [batch, pos, d_mlp]
-            d_mlp = act.shape[-1]
-            top = act.amax(dim=1).float().T  # [d_mlp, batch]; amax is far cheaper than max with indices
-            _check_finite(top, first_window)
-            key = topk.order_key(top, ids.expand_as(top))  # [d_mlp, batch]
-            enters = key > floor[layer * d_mlp : (layer + 1) * d_mlp, None]  # [d_mlp, batch]
-            if enters.float().mean() > 0.5:  # early in the corpus most candidates enter: one reduction for all
-                pos = act.max(dim=1).indices.T.to(torch.int32)  # [d_mlp, batch]
-            else:
-                neuron, window = torch.nonzero(enters, as_tuple=True)
-                pos = torch.zeros((d_mlp, n_batch), dtype=torch.int32, device=act.device)
-                pos[neuron, window] = act[window, :, neuron].max(dim=-1).indices.to(torch.int32)
-            keys[layer], where[layer] = key, pos
+            tops[layer] = act.amax(dim=1)  # [batch, d_mlp]; amax is far cheaper than max with indices
+            where[layer] = _first_max_position(act, tops[layer])
             if layer == n_layers - 1:
                 raise mlp_forward.StopForward  # nothing after the last MLP is needed
 
@@ -255,7 +238,22 @@ def _batch_candidates(
         finally:
             for handle in handles:
                 handle.remove()
-    return torch.cat(keys), torch.cat(where)  # [n_layers * d_mlp, batch] each
+    top = torch.cat(tops, dim=1).float().T  # [n_layers * d_mlp, batch]
+    _check_finite(top, first_window)
+    ids = torch.arange(first_window, first_window + n_batch, device=batch.device)  # [batch]
+    return topk.order_key(top, ids.expand_as(top)), torch.cat(where, dim=1).T
+
+
+def _first_max_position(act: Tensor, top: Tensor) -> Tensor:
+    """Where each column of `act` `[batch, pos, d]` first reaches its max `top` `[batch, d]` (`act.amax(dim=1)`):
+    `[batch, d]` int32, the indices `act.max(dim=1)` gives, found by one comparison and one small-integer `amax`
+    (several times faster than `max` with indices). Meaningless where `top` is NaN."""
+    n_pos = act.shape[1]
+    small = torch.uint8 if n_pos < 256 else torch.int32
+    rank = torch.arange(n_pos, 0, -1, dtype=small, device=act.device)[None, :, None]  # n_pos - position
+    reached = act.ge(top[:, None, :])  # [batch, pos, d] bool
+    reached = reached.view(torch.uint8) if small == torch.uint8 else reached.to(small)
+    return n_pos - reached.mul_(rank).amax(dim=1).to(torch.int32)
 
 
 def _check_finite(act: Tensor, first_window: int) -> None:
@@ -391,7 +389,8 @@ def collect_top_units(
             if acts.shape != (batch.shape[0], n_pos, n_units):
                 fail("unit_acts", f"return [batch, window, n_units] = {[batch.shape[0], n_pos, n_units]}",
                      list(acts.shape))
-            top, where = acts.max(dim=1)  # [batch, n_units]
+            top = acts.amax(dim=1)  # [batch, n_units]
+            where = _first_max_position(acts, top)
             _check_finite(top.T, start)
             ids = torch.arange(start, start + batch.shape[0])[:, None].expand_as(top)  # [batch, n_units]
             candidates = (topk.order_key(top.T, ids.T), where.T.to(torch.int32))  # [n_units, batch] each
@@ -423,21 +422,25 @@ def _stream(
     device = _device(forward.model)
     bar = tqdm(total=n_windows * n_pos, initial=done * n_pos, unit="tok", unit_scale=True,
                desc="collecting top activations", disable=not progress)
+    pending: list[tuple[Tensor, Tensor]] = []  # candidates not merged yet: k of them are merged at once
     try:
         with torch.inference_mode(), pooled_memory():  # the same large activations every batch
             for i, start in enumerate(range(done, n_windows, settings.batch_size)):
                 batch = windows[start : start + settings.batch_size].to(device)  # [batch, window]
-                floor = state[0].amin(dim=-1)  # [n_neurons]
                 handles = residuals.hooks(forward, start) if residuals is not None else []  # keep the norm inputs
                 try:
-                    candidates = _batch_candidates(forward, batch, window_offset + start, floor)
+                    pending.append(_batch_candidates(forward, batch, window_offset + start))
                 finally:
                     for handle in handles:
                         handle.remove()
-                state = topk.merge_topk(state, candidates, settings.k)
-                bar.update(batch.numel())
                 stop = start + batch.shape[0]
-                if run is not None and (i + 1) % checkpoint_every == 0 and stop < n_windows:
+                checkpoint = run is not None and (i + 1) % checkpoint_every == 0 and stop < n_windows
+                if checkpoint or stop == n_windows or sum(key.shape[1] for key, _ in pending) >= settings.k:
+                    # one topk over k + k slots costs less than several over k + batch
+                    state = topk.merge_topk(state, tuple(torch.cat(c, dim=1) for c in zip(*pending)), settings.k)
+                    pending = []
+                bar.update(batch.numel())
+                if checkpoint:
                     run.save_checkpoint(_state_table(*topk.sorted_state(*state, forward.n_layers)), stop)
     finally:
         bar.close()

@@ -14,6 +14,7 @@ the input of its in-projection, the normalised vector is the MLP norm's input no
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -123,8 +124,30 @@ def _plain_forward(model: Any, config: Any, tensors: dict[str, Tensor], paths: l
     if any(t.is_meta for t in itertools.chain(plain.parameters(), plain.buffers())):
         return MlpForward(model, n_layers)
     plain.eval()
+    _gelu_new_in_place(plain)
     modules = tuple(plain.get_submodule(p) for p in paths)
     return MlpForward(model, n_layers, plain, modules, reads_input=reads_input)
+
+
+def gelu_new(x: Tensor) -> Tensor:
+    """GPT-2's `gelu_new`, `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x³)))`, by the same operations in the same order
+    as Hugging Face's `NewGELUActivation` (so the same bits), five of them in place: two new tensors instead of seven,
+    which takes a third less time on CPUs. `x` is not changed. Needs no gradient (a pass runs in inference mode)."""
+    inner = torch.pow(x, 3.0).mul_(0.044715).add_(x).mul_(math.sqrt(2.0 / math.pi)).tanh_().add_(1.0)
+    return torch.mul(x, 0.5).mul_(inner)
+
+
+def _gelu_new_in_place(plain: Any) -> None:
+    """Give the plain model's `NewGELUActivation` modules (GPT-2, GPT-J) the in-place `gelu_new` when no gradient is
+    needed."""
+    from transformers.activations import NewGELUActivation
+
+    def forward(self: Any, x: Tensor) -> Tensor:
+        return NewGELUActivation.forward(self, x) if torch.is_grad_enabled() and x.requires_grad else gelu_new(x)
+
+    for module in plain.modules():
+        if type(module) is NewGELUActivation:
+            module.forward = forward.__get__(module)
 
 
 def run_plain(forward: MlpForward, batch: Tensor) -> None:

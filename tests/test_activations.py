@@ -57,9 +57,9 @@ def _count_batches(monkeypatch) -> list[int]:
     calls: list[int] = []
     original = activations._batch_candidates
 
-    def counting(model, batch, first_window, floor):
+    def counting(model, batch, first_window):
         calls.append(first_window)
-        return original(model, batch, first_window, floor)
+        return original(model, batch, first_window)
 
     monkeypatch.setattr(activations, "_batch_candidates", counting)
     return calls
@@ -205,6 +205,66 @@ def test_plain_model_is_built_once_per_bridge_and_follows_a_replaced_parameter()
     del bridge, first, second, owner
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.parametrize("n_pos", [9, 300])  # a uint8 rank below 256 positions, int32 above
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_max_position_is_the_first_argmax(n_pos, dtype):
+    gen = torch.Generator().manual_seed(n_pos)
+    act = (torch.randint(-3, 4, (5, n_pos, 40), generator=gen) / 2).to(dtype)  # coarse values: many ties
+    act[0, :, 0] = 0.0
+    act[0, 1:3, 0] = -0.0  # -0.0 equals 0.0: the first of them
+    act[1, :, 1] = -5.0
+    act[1, -1, 1] = 1.0  # the max at the last position
+    top = act.amax(dim=1)  # [batch, d]
+    got = activations._first_max_position(act, top)
+    assert got.dtype == torch.int32
+    assert torch.equal(got.long(), act.float().max(dim=1).indices)  # torch's max gives the first maximal index
+    assert got[0, 0] == 0 and got[1, 1] == n_pos - 1
+
+
+def test_merging_several_batches_at_once_changes_nothing(model, windows, tmp_path, monkeypatch):
+    """Candidates are merged k at a time; a checkpoint merges what is pending: both give the same state."""
+    merges: list[int] = []
+    original = topk.merge_topk
+
+    def counting(state, candidates, k):
+        merges.append(candidates[0].shape[1])
+        return original(state, candidates, k)
+
+    monkeypatch.setattr(topk, "merge_topk", counting)
+    pooled = _collect(model, windows, k=20)  # batches of 16: merged two at a time, the last one alone
+    assert merges == [32, 16]
+    merges.clear()
+    every = _collect(model, windows, k=20, use_cache=True, cache_dir=tmp_path, checkpoint_every=1)
+    assert merges == [16, 16, 16]  # a checkpoint after every batch merges it first
+    _assert_same(pooled, every)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gelu_new_is_hugging_faces_bit_for_bit(dtype):
+    from transformers.activations import NewGELUActivation
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4096, generator=gen) * 3, torch.linspace(-30, 30, 4001), torch.tensor(
+        [0.0, -0.0, 1e-30, -1e-30, 1e-3, 60.0, -60.0, 3e4, -3e4, float("inf"), float("-inf")])]).to(dtype)
+    kept = x.clone()
+    got, expected = mlp_forward.gelu_new(x), NewGELUActivation()(x)
+    assert torch.equal(x, kept)  # the input is not changed
+    bits = torch.int16 if dtype != torch.float32 else torch.int32
+    assert torch.equal(got.view(bits), expected.view(bits))
+
+
+def test_plain_model_runs_gelu_new_and_keeps_gradients(model):
+    act = mlp_forward.mlp_forward(model, plain_hf=True).act_modules[0]
+    x = torch.randn(3, 5, model.cfg.d_mlp, requires_grad=True)
+    act(x).sum().backward()  # with a gradient: Hugging Face's own operations
+    expected = x.grad.clone()
+    x.grad = None
+    torch.nn.functional.gelu(x, approximate="tanh").sum().backward()
+    torch.testing.assert_close(expected, x.grad)
+    with torch.inference_mode():
+        assert torch.equal(act(x.detach()), mlp_forward.gelu_new(x.detach()))
 
 
 def test_engines_agree(model, windows, top):
