@@ -7,8 +7,9 @@ activation over the whole corpus. A neuron whose max is <= 0 is *dead*: it has n
 
 The collection streams. Each batch of windows runs through the model up to the last MLP, reading only the
 MLP activations (`hook_post`); each layer's activations `[batch, pos, d_mlp]` are reduced on the model's
-device to one candidate per (neuron, window), the max over positions and where it is, and merged with the
-running top-k by one `torch.topk` over the concatenated candidates. Candidates are ranked by an int64 key
+device to one candidate per (neuron, window), the max over positions (`amax`) and where it is first reached
+(one comparison), and the candidates are merged with the running top-k by one `torch.topk` over the
+concatenated slots, about k candidates at a time. Candidates are ranked by an int64 key
 (activation, then lower window id), so there are no ties and the result does not depend on batch or shard
 order; the running state is that key and the position, `[n_layers * d_mlp, k]`, kept unsorted and sorted
 once at the end. Memory does not grow with the corpus, and two shards of a corpus merge with the same

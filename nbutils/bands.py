@@ -113,49 +113,79 @@ def _keep_lowest(state: tuple[Tensor, ...], cand: tuple[Tensor, ...], per_band: 
     return (prio, *(t.gather(-1, idx) for t in both[1:]))
 
 
+_FIRST_TOKENS = 512  # while most samples are empty, a batch's first tokens are sampled alone first (see below)
+
+
 def _batch_candidates(
     act: Float[Tensor, "n_tok d_mlp"], prio: Int[Tensor, "n_tok"], window: Int[Tensor, "n_tok"],
     pos: Int[Tensor, "n_tok"], max_act: Float[Tensor, "d_mlp"], bands: int, per_band: int,
     threshold: Int[Tensor, "d_mlp bands"] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """For each (neuron, band), the `per_band` lowest-priority tokens of one batch in that band.
+    """For each (neuron, band), the `per_band` lowest-priority tokens of one batch in that band that can enter the
+    running sample, whose highest kept priority per (neuron, band) is `threshold` (`_NONE` while not full; None: an
+    empty sample). Merged into the sample (`_keep_lowest`), they give the sample of the tokens seen so far.
 
-    Tokens are put in priority order once; the positive activations, listed in that order, are grouped by
-    (neuron, band) with a stable sort, so each group's first `per_band` entries are its candidates. With
-    `threshold` (the running sample's highest kept priority per (neuron, band), `_NONE` while not full), tokens
-    at or above it are dropped first: they could not enter the sample, and late in a corpus that is nearly all.
+    Two cuts keep the work small: a cheap superset of the tokens that can enter is found by one pass over `act`
+    (`_superset_bounds`), then the exact test runs on those only. While most neurons' lowest band is still open (the
+    first batch), the first `_FIRST_TOKENS` tokens are sampled alone first, and their per-band thresholds cut the
+    rest of the batch.
 
-    Returns (priority, window, pos, act), each `[d_mlp, bands, per_band]`.
+    Returns (priority, window, pos, act), each `[d_mlp, bands, per_band]`, lowest priority first.
     """
-    d_mlp = act.shape[1]
-    order = torch.argsort(prio)
-    act, prio, window, pos = act[order], prio[order], window[order], pos[order]
+    n_tok, d_mlp = act.shape
+    if threshold is None:
+        threshold = torch.full((d_mlp, bands), _NONE)
     positive = max_act > 0
-    keep = (act > 0) & positive  # [n_tok, d_mlp]
-    if threshold is not None:  # a cheap superset of the tokens that can enter, then the exact test on those
-        full = threshold < _NONE  # [d_mlp, bands] bands whose sample is full
-        loosest = torch.where(full, threshold, torch.iinfo(torch.int64).min).amax(dim=1)  # [d_mlp]
-        open_band = torch.where(~full, torch.arange(bands), bands).amin(dim=1)  # [d_mlp] lowest band not yet full
-        floor = torch.where(open_band < bands, open_band / bands * max_act, torch.inf) * (1 - 1e-6)  # [d_mlp]
-        keep &= (prio[:, None] < loosest) | (act >= floor)
-    tok, neuron = torch.nonzero(keep, as_tuple=True)  # by priority, then neuron
+    if n_tok > 2 * _FIRST_TOKENS and (threshold[positive, 0] == _NONE).float().mean() > 0.5:
+        cut = _FIRST_TOKENS
+        first = _batch_candidates(act[:cut], prio[:cut], window[:cut], pos[:cut], max_act, bands, per_band, threshold)
+        rest = _batch_candidates(act[cut:], prio[cut:], window[cut:], pos[cut:], max_act, bands, per_band,
+                                 torch.minimum(threshold, first[0][..., -1]))
+        return _keep_lowest(first, rest, per_band)
+    floor, loosest = _superset_bounds(threshold, max_act, per_band)
+    keep = (act > 0) & positive & ((prio[:, None] < loosest) | (act >= floor))  # [n_tok, d_mlp]
+    tok, neuron = torch.nonzero(keep, as_tuple=True)
     value = act[tok, neuron]
     band = (torch.ceil(value * bands / max_act[neuron]) - 1).clamp(min=0, max=bands - 1).long()
-    if threshold is not None:
-        exact = prio[tok] < threshold[neuron, band]
-        tok, neuron, value, band = tok[exact], neuron[exact], value[exact], band[exact]
+    exact = prio[tok] < threshold[neuron, band]
+    tok, neuron, value, band = tok[exact], neuron[exact], value[exact], band[exact]
     shape = (d_mlp, bands, per_band)
     if len(tok) == 0:
         return _empty(shape)
-    key = neuron * bands + band  # [n_entries] the entry's (neuron, band) group
-    group, perm = torch.sort(key, stable=True)  # within a group: still by priority
+    rank = torch.empty(n_tok, dtype=torch.long)
+    rank[torch.argsort(prio)] = torch.arange(n_tok)  # each token's place in priority order
+    order, entries = torch.sort((neuron * bands + band) * n_tok + rank[tok])  # by (neuron, band), then priority
+    group = order // n_tok
     groups = torch.arange(d_mlp * bands)
     first = torch.searchsorted(group, groups)[:, None] + torch.arange(per_band)  # [d_mlp * bands, per_band]
-    entry = perm[first.clamp(max=len(group) - 1)]  # entries of the group's first per_band places
-    valid = (first < len(group)) & (key[entry] == groups[:, None])
+    place = first.clamp(max=len(group) - 1)
+    valid = (first < len(group)) & (group[place] == groups[:, None])  # the group's first per_band places
+    entry = entries[place]
     t = tok[entry]
     return (prio[t].masked_fill(~valid, _NONE).reshape(shape), window[t].masked_fill(~valid, -1).reshape(shape),
             pos[t].masked_fill(~valid, 0).reshape(shape), value[entry].masked_fill(~valid, float("nan")).reshape(shape))
+
+
+def _superset_bounds(threshold: Int[Tensor, "d_mlp bands"], max_act: Float[Tensor, "d_mlp"], per_band: int
+                     ) -> tuple[Tensor, Tensor]:
+    """Per neuron, a split band `s` and its bounds (floor, loosest) `[d_mlp]` each: a token can enter the sample
+    only if `act >= floor` (it is in band `s` or above) or `prio < loosest` (the highest threshold of the bands
+    below `s`, which must all be full). Any `s` up to the lowest open band is exact; the one chosen is the one
+    that lets the fewest tokens through, estimated from the thresholds (a full band of threshold quantile q has
+    seen about `per_band / q` tokens)."""
+    d_mlp, bands = threshold.shape
+    full = threshold < _NONE
+    quantile = torch.where(full, (threshold.double() + 2.0**63) / 2.0**64, 1.0)  # priorities are uniform int64
+    seen = torch.where(full, per_band / quantile.clamp(min=1e-300), float(per_band))  # [d_mlp, bands]
+    zero = torch.zeros(d_mlp, 1, dtype=torch.float64)
+    below = torch.cat([zero, seen.cumsum(1)], 1)  # [d_mlp, bands + 1]: tokens in the bands below s
+    through = (below[:, -1:] - below) + torch.cat([zero, quantile.cummax(1).values], 1) * below
+    lowest_open = torch.where(full, bands, torch.arange(bands)).amin(dim=1)  # [d_mlp]
+    split = through.masked_fill(torch.arange(bands + 1) > lowest_open[:, None], float("inf")).argmin(1)  # [d_mlp]
+    highest = torch.where(full, threshold, torch.iinfo(torch.int64).min).cummax(1).values
+    loosest = torch.cat([torch.full((d_mlp, 1), torch.iinfo(torch.int64).min), highest], 1).gather(1, split[:, None])
+    floor = torch.where(split < bands, split / bands * max_act, torch.inf) * (1 - 1e-6)  # below band s by rounding
+    return floor, loosest[:, 0]
 
 
 def collect_band_samples(

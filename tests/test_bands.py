@@ -54,6 +54,36 @@ def test_sample_matches_brute_force(model, windows, top, sample):
                 np.testing.assert_allclose(rows.act, act[want].numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_streamed_candidates_give_the_brute_force_sample(seed):
+    """Batches large enough to be sampled in two parts at first, neurons of every kind (dead, mostly inactive,
+    activations above the max, exact zeros): the running sample is the brute-force one after every batch."""
+    gen = torch.Generator().manual_seed(seed)
+    n_win, n_pos, d, n_bands, per_band = 40, 60, 30, 5, 4  # 2,400 tokens a batch
+    max_act = torch.rand(d, generator=gen) * 3 + 0.1
+    max_act[:3] = torch.tensor([-1.0, 0.0, -0.5])  # dead neurons: no samples
+    state = bands._empty((d, n_bands, per_band))
+    acts, prios = [], []
+    for b in range(5):
+        wid = torch.arange(b * n_win, (b + 1) * n_win).repeat_interleave(n_pos)
+        pos = torch.arange(n_pos).repeat(n_win)
+        act = torch.randn(len(wid), d, generator=gen) * max_act.abs() * 0.6  # some above the max
+        act[:, 3] = torch.where(torch.rand(len(wid), generator=gen) < 0.01, act[:, 3].abs(), 0.0)  # rarely active
+        prio = bands.priority(wid, pos)
+        cand = bands._batch_candidates(act, prio, wid, pos, max_act, n_bands, per_band, threshold=state[0][..., -1])
+        state = bands._keep_lowest(state, cand, per_band)
+        acts.append(act)
+        prios.append(prio)
+        every, prio_all = torch.cat(acts), torch.cat(prios)
+        band = (torch.ceil(every * n_bands / max_act) - 1).clamp(0, n_bands - 1)  # [n_tok, d]
+        for n in range(d):
+            for k in range(n_bands):
+                inside = (every[:, n] > 0) & (band[:, n] == k) & (max_act[n] > 0)
+                want = prio_all[inside].sort().values[:per_band]
+                got = state[0][n, k]
+                assert torch.equal(got[: len(want)], want) and (got[len(want):] == bands._NONE).all(), (b, n, k)
+
+
 def test_table_columns_and_order(sample):
     table = sample.table
     assert list(table.columns) == ["layer", "neuron", "band", "window", "pos", "act"]
