@@ -157,9 +157,9 @@ def _batch_candidates(
     order, entries = torch.sort((neuron * bands + band) * n_tok + rank[tok])  # by (neuron, band), then priority
     group = order // n_tok
     groups = torch.arange(d_mlp * bands)
-    first = torch.searchsorted(group, groups)[:, None] + torch.arange(per_band)  # [d_mlp * bands, per_band]
-    place = first.clamp(max=len(group) - 1)
-    valid = (first < len(group)) & (group[place] == groups[:, None])  # the group's first per_band places
+    places = torch.searchsorted(group, groups)[:, None] + torch.arange(per_band)  # [d_mlp * bands, per_band]
+    place = places.clamp(max=len(group) - 1)
+    valid = (places < len(group)) & (group[place] == groups[:, None])  # the group's first per_band places
     entry = entries[place]
     t = tok[entry]
     return (prio[t].masked_fill(~valid, _NONE).reshape(shape), window[t].masked_fill(~valid, -1).reshape(shape),

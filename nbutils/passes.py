@@ -27,7 +27,7 @@ from nbutils import residuals as residuals_module
 from nbutils._env import pooled_memory
 from nbutils.models import hook_name
 
-__all__ = ["read_layers"]
+__all__ = ["read_layers", "replays"]
 
 OnLayer = Callable[[int, dict[str, Tensor], int, int], None]
 
@@ -114,6 +114,15 @@ def read_layers(
         for handle in handles:
             handle.remove()
         bar.close()
+
+
+def replays(model: Any, windows: Tensor, layers: Sequence[int], kinds: Sequence[str], residuals: Any,
+            plain_hf: bool = True) -> bool:
+    """Whether `read_layers` of these arguments replays the layers from `residuals` (no model run)."""
+    forward = mlp_forward.mlp_forward(model, plain_hf)
+    layers = sorted(set(int(l) for l in layers))
+    return (mlp_forward.plain_taps(forward, layers, list(kinds)) is not None
+            and _replay_plan(residuals, forward, layers, tuple(windows.shape)) is not None)
 
 
 def _replay_plan(residuals: Any, forward: mlp_forward.MlpForward, layers: list[int], shape: tuple[int, int]

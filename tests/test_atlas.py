@@ -468,3 +468,22 @@ def test_band_samples_are_the_bands_module_sample_with_contexts(built, model, wi
     acts = activations.neuron_activations(model, windows, int(row.layer), int(row.neuron), [int(row.window)])[0].numpy()
     np.testing.assert_allclose(row.acts, acts[row.start : row.start + len(row.acts)], atol=1e-4)
     assert row.token == built.vocab[int(windows[int(row.window), int(row.pos)])]
+
+
+def test_decode_texts_is_batch_decode(model):
+    """The fast batch decoder gives batch_decode's texts (special tokens, partial characters, empty lists), and a
+    tokenizer that cleans up spaces keeps its own decoder."""
+    import copy
+
+    from nbutils.atlas.labels import decode_texts
+
+    gen = np.random.default_rng(0)
+    tok = model.tokenizer
+    ids = [gen.integers(0, model.cfg.d_vocab, size=int(n)).tolist() for n in gen.integers(0, 12, size=300)]
+    ids += [[tok.eos_token_id] * 3, [], [tok.eos_token_id, 11, tok.eos_token_id]]
+    assert decode_texts(tok, ids) == tok.batch_decode(ids)
+    cleaning = copy.copy(tok)
+    cleaning.clean_up_tokenization_spaces = True
+    calls = []
+    cleaning.batch_decode = lambda seqs: calls.append(len(seqs)) or ["x"] * len(seqs)
+    assert decode_texts(cleaning, ids) == ["x"] * len(ids) and calls == [len(ids)]

@@ -9,7 +9,7 @@ import pandas as pd
 
 from nbutils.atlas.settings import LABEL_TOKENS
 
-__all__ = ["vocab_of", "token_labels", "token_label"]
+__all__ = ["vocab_of", "decode_texts", "token_labels", "token_label"]
 
 
 def vocab_of(model: Any) -> list[str]:
@@ -17,12 +17,21 @@ def vocab_of(model: Any) -> list[str]:
     cached = getattr(model, "_nbutils_vocab", None)
     if cached is None:
         tokenizer = model.tokenizer
-        cached = tokenizer.batch_decode([[i] for i in range(model.cfg.d_vocab)])
+        cached = decode_texts(tokenizer, [[i] for i in range(model.cfg.d_vocab)])
         try:
             model._nbutils_vocab = cached
         except AttributeError:
             pass
     return cached
+
+
+def decode_texts(tokenizer: Any, ids: list[list[int]]) -> list[str]:
+    """`tokenizer.batch_decode(ids)`, by the fast tokenizer's own batch decoder when that is the same (no clean-up
+    of spaces to apply): several times faster on hundreds of thousands of short texts."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return tokenizer.batch_decode(ids)
+    return backend.decode_batch(ids, skip_special_tokens=False)
 
 
 def _show(token: str) -> str:

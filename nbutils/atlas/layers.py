@@ -18,9 +18,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from nbutils import _env, clustering, viz
+from nbutils import _env, clustering, passes, viz
 from nbutils._validation import check_int_range
-from nbutils.atlas.labels import token_labels, vocab_of
+from nbutils.atlas.labels import decode_texts, token_labels, vocab_of
 from nbutils.atlas.settings import TEXT_CONTEXT, AtlasSettings, LayerTables
 from nbutils.atlas.units import NEURONS, Units
 from nbutils.cache import scratch_folder
@@ -41,7 +41,8 @@ class _Gather:
     examples: pd.DataFrame
     keys: np.ndarray  # [n_unique] window * n_pos + pos
     inverse: np.ndarray  # [n_examples] row of h of each example
-    h: "np.ndarray | _RowsFile"  # [n_unique, d_model] float32, as the model computes it; in memory or in a file
+    h: "np.ndarray | _RowsFile | None"  # [n_unique, d_model] float32, as the model computes it; in memory or in a
+    # file; None: read again from the residual store when the layer is clustered (`_stored_h`)
     context: np.ndarray  # [n_examples, before + after + 1] float32, NaN outside the window
     band: tuple | None = None  # the running band sample: (priority, window, pos, act) [d_mlp, bands, per_band]
     band_context: Tensor | None = None  # [d_mlp, bands, per_band, width] activations around each sampled token
@@ -68,15 +69,17 @@ class _RowsFile:
 
 
 def _new_gather(model: Any, windows: Tensor, top: Any, layer: int, settings: AtlasSettings, units: Units,
-                spill: Path | None = None) -> _Gather:
-    """An empty `_Gather` of one layer; h goes to a file in the folder `spill` when given."""
+                spill: Path | None = None, stored_h: bool = False) -> _Gather:
+    """An empty `_Gather` of one layer; h goes to a file in the folder `spill` when given, and is not kept when
+    `stored_h` (the residual store gives it again)."""
     n_pos = windows.shape[1]
     width = settings.before + settings.after + 1
     ex = clustering._layer_examples(top, windows, layer).reset_index(drop=True)
     keys, inverse = np.unique(ex["window"].to_numpy(np.int64) * n_pos + ex["pos"].to_numpy(np.int64),
                               return_inverse=True)
     shape = (len(keys), units.d_in(model))
-    h = _RowsFile(spill / f"h-{layer}.f32", *shape) if spill is not None else np.zeros(shape, dtype=np.float32)
+    h = None if stored_h else _RowsFile(spill / f"h-{layer}.f32", *shape) if spill is not None else np.zeros(
+        shape, dtype=np.float32)
     g = _Gather(ex, keys, inverse.reshape(-1), h, np.full((len(ex), width), np.nan, dtype=np.float32))
     if settings.bands:
         from nbutils import bands as _bands
@@ -92,9 +95,8 @@ def _read_batch(g: _Gather, H: Tensor, P: Tensor, lo: int, hi: int, max_act: Ten
     """Take one batch (windows `lo..hi`) of one layer into `g`: h `H` `[batch, pos, d_model]` at the layer's example
     keys, the activations `P` `[batch, pos, d_mlp]` around its examples, and the band sample."""
     n_pos = H.shape[1]
-    a, b = np.searchsorted(g.keys, [lo * n_pos, hi * n_pos])
-    k = torch.as_tensor(g.keys[a:b].copy())
-    g.h[a:b] = H[k // n_pos - lo, k % n_pos].float().cpu().numpy()
+    if g.h is not None:
+        _take_h(g.h, g.keys, H, lo, hi)
     wid = g.examples["window"].to_numpy(np.int64)
     rows = np.flatnonzero((wid >= lo) & (wid < hi))
     at = g.examples["pos"].to_numpy(np.int64)[rows, None] + np.arange(-settings.before, settings.after + 1)
@@ -106,6 +108,25 @@ def _read_batch(g: _Gather, H: Tensor, P: Tensor, lo: int, hi: int, max_act: Ten
         _band_merge(g, P.cpu(), lo, n_pos, max_act, settings)
 
 
+def _take_h(h: "np.ndarray | _RowsFile", keys: np.ndarray, H: Tensor, lo: int, hi: int) -> None:
+    """Rows of `h` at the `keys` (window * n_pos + pos, sorted) in windows `lo..hi - 1`, from `H` `[batch, pos, d]`."""
+    n_pos = H.shape[1]
+    a, b = np.searchsorted(keys, [lo * n_pos, hi * n_pos])
+    k = torch.as_tensor(keys[a:b].copy())
+    h[a:b] = H[k // n_pos - lo, k % n_pos].float().cpu().numpy()
+
+
+def _stored_h(model: Any, windows: Tensor, g: _Gather, layer: int, settings: AtlasSettings, units: Units,
+              residuals: Any) -> np.ndarray:
+    """h `[n_unique, d]` of the layer's examples, read again from the residual store in the layers pass's own
+    batches and by its own taps, so the same numbers; no model runs."""
+    h = np.empty((len(g.keys), units.d_in(model)), dtype=np.float32)
+    kind = units.kinds(model, settings.fold_ln)[0]
+    read_layers(model, windows, [layer], (kind,), lambda l, read, lo, hi: _take_h(h, g.keys, units.h(read[kind]), lo, hi),
+                batch_size=settings.batch_size, residuals=residuals)
+    return h
+
+
 def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], settings: AtlasSettings,
                  progress: bool = False, spill: dict[int, Path] | None = None, units: Units = NEURONS,
                  residuals: Any = None) -> dict[int, _Gather]:
@@ -113,8 +134,10 @@ def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], setti
     activations of the units (`Units`) of every layer in `layers` at that layer's examples; h of a layer in
     `spill` goes to a file in the folder given there."""
     spill = spill or {}
-    out = {layer: _new_gather(model, windows, top, layer, settings, units, spill.get(layer)) for layer in layers}
     h_kind, act_kind = units.kinds(model, settings.fold_ln)
+    stored_h = _h_in_store(model, windows, layers, settings, units, residuals)
+    out = {layer: _new_gather(model, windows, top, layer, settings, units, spill.get(layer), stored_h)
+           for layer in layers}
 
     def on_layer(layer: int, read: dict[str, Tensor], lo: int, hi: int) -> None:
         _read_batch(out[layer], units.h(read[h_kind]), units.act(read[act_kind]), lo, hi,
@@ -124,6 +147,14 @@ def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], setti
                 batch_size=settings.batch_size, progress=progress, residuals=residuals,
                 desc=f"reading h of layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}")
     return out
+
+
+def _h_in_store(model: Any, windows: Tensor, layers: list[int], settings: AtlasSettings, units: Units,
+                residuals: Any) -> bool:
+    """Whether h of these layers can be read again from `residuals` when each is clustered (`_stored_h`) instead of
+    being kept from the pass: gigabytes at GPT-2-small shape that the store already holds."""
+    return residuals is not None and passes.replays(model, windows, layers, units.kinds(model, settings.fold_ln)[:1],
+                                                    residuals)
 
 
 def _band_merge(g: _Gather, P: Tensor, lo: int, n_pos: int, max_act: Tensor, settings: AtlasSettings) -> None:
@@ -164,12 +195,12 @@ def _band_table(g: _Gather, layer: int, vocab: list[str], windows: Tensor, setti
     n_pos = windows.shape[1]
     first = (p - settings.before).numpy()
     ctx = g.band_context[neuron, band, slot].numpy()  # [n, width]
-    acts = [row[~np.isnan(row)] for row in ctx]
+    acts = _present(ctx)
     token_id = windows[w, p].numpy()
     return pd.DataFrame({
         "layer": np.full(len(w), layer, dtype=np.int64), "neuron": neuron.numpy().astype(np.int64),
         "band": band.numpy().astype(np.int64), "window": w.numpy().astype(np.int64), "pos": p.numpy().astype(np.int64),
-        "act": act[neuron, band, slot].numpy().astype(np.float32), "token": [vocab[t] for t in token_id],
+        "act": act[neuron, band, slot].numpy().astype(np.float32), "token": np.asarray(vocab, dtype=object)[token_id],
         "start": np.maximum(first, 0).astype(np.int64), "acts": acts,
     }) if len(w) else pd.DataFrame({c: [] for c in ("layer", "neuron", "band", "window", "pos", "act", "token", "start",
                                                          "acts")}).astype({"layer": np.int64, "neuron": np.int64})
@@ -204,16 +235,18 @@ def layers_tables(model: Any, windows: Tensor, top: Any, layers: list[int], sett
     need = [_layer_bytes(top, layer, units.d_in(model), settings, int(windows.numel())) for layer in layers]
     used = sum(rest for _, rest in need)  # held for every layer during the pass
     spilled = []
+    stored_h = _h_in_store(model, windows, layers, settings, units, residuals)  # then h is not kept: nothing to spill
     for layer, (h_bytes, _) in zip(layers, need):
-        if used + h_bytes > memory_budget:
+        if used + h_bytes > memory_budget and not stored_h:
             spilled.append(layer)  # h to a file
-        else:
+        elif not stored_h:
             used += h_bytes
     with scratch_folder("atlas-h-", spill_dir) as folder:
         gathered = _layers_pass(model, windows, top, layers, settings, progress=progress,
                                 spill={layer: Path(folder) for layer in spilled}, units=units, residuals=residuals)
         for layer in layers:
-            yield _layer_step(model, windows, top, layer, gathered.pop(layer), settings, units, workers=workers)
+            yield _layer_step(model, windows, top, layer, gathered.pop(layer), settings, units, workers=workers,
+                              residuals=residuals)
 
 
 def layer_tables(model: Any, windows: Tensor, top: Any, layer: int, settings: AtlasSettings, *,
@@ -229,11 +262,12 @@ def layer_tables(model: Any, windows: Tensor, top: Any, layer: int, settings: At
 
 
 def _layer_step(model: Any, windows: Tensor, top: Any, layer: int, g: _Gather, settings: AtlasSettings,
-                units: Units = NEURONS, *, workers: int | None = None) -> LayerTables:
+                units: Units = NEURONS, *, workers: int | None = None, residuals: Any = None) -> LayerTables:
     """Embed and cluster one layer's gathered examples, then write its tables."""
     W, b = units.weights(model, layer, settings.fold_ln)
     bounds = np.searchsorted(g.examples["neuron"].to_numpy(), np.arange(units.count(model) + 1))
-    h = g.h.load() if isinstance(g.h, _RowsFile) else g.h
+    h = g.h.load() if isinstance(g.h, _RowsFile) else g.h if g.h is not None else _stored_h(
+        model, windows, g, layer, settings, units, residuals)
     lx = clustering.LayerExamples(layer=layer, examples=g.examples, keys=g.keys, h=h, inverse=g.inverse,
                                   bounds=bounds, W=W, b=b, n_pos=int(windows.shape[1]))
     done = cluster_layer(lx, settings, workers=workers)
@@ -348,9 +382,10 @@ def _examples_table(model: Any, windows: Tensor, ex: pd.DataFrame, done: Cluster
     window, pos = ex["window"].to_numpy(np.int64), ex["pos"].to_numpy(np.int64)
     token_id = windows[torch.as_tensor(window.copy()), torch.as_tensor(pos.copy())].numpy().astype(np.int64)
     tokens, inverse = np.unique(window * n_pos + pos, return_inverse=True)  # a token is often several neurons' example
-    text_ids = [windows[w, max(0, p - TEXT_CONTEXT + 1) : p + 1].tolist()
-                for w, p in zip(tokens // n_pos, tokens % n_pos)]
-    context = np.asarray(model.tokenizer.batch_decode(text_ids) if n else [], dtype=object)[inverse.reshape(-1)]
+    rows = windows.tolist()
+    text_ids = [rows[w][max(0, p - TEXT_CONTEXT + 1) : p + 1] for w, p in zip((tokens // n_pos).tolist(),
+                                                                              (tokens % n_pos).tolist())]
+    context = np.asarray(decode_texts(model.tokenizer, text_ids) if n else [], dtype=object)[inverse.reshape(-1)]
     return pd.DataFrame({
         "layer": ex["layer"].to_numpy(np.int64), "neuron": ex["neuron"].to_numpy(np.int64), "window": window,
         "pos": pos,
@@ -377,12 +412,18 @@ def _neurons_table(layer: int, max_act: np.ndarray, stats: list[tuple], examples
 def _contexts_table(examples: pd.DataFrame, context: np.ndarray, settings: AtlasSettings) -> pd.DataFrame:
     shown_rows = examples[examples["shown"]]
     first = shown_rows["pos"].to_numpy() - settings.before  # token of column 0 of `context`
-    acts = [row[~np.isnan(row)] for row in context[examples["shown"].to_numpy()]]
+    acts = _present(context[examples["shown"].to_numpy()])
     return pd.DataFrame({
         "layer": shown_rows["layer"].to_numpy(), "neuron": shown_rows["neuron"].to_numpy(),
         "window": shown_rows["window"].to_numpy(), "pos": shown_rows["pos"].to_numpy(),
         "start": np.maximum(first, 0).astype(np.int64), "acts": acts,
     })
+
+
+def _present(context: np.ndarray) -> list[np.ndarray]:
+    """Each row of `context` `[n, width]` without its NaN (the tokens outside the window), as views of one array."""
+    present = ~np.isnan(context)
+    return np.split(context[present], np.cumsum(present.sum(axis=1))[:-1]) if len(context) else []
 
 
 def _vectors_table(done: ClusteredLayer, d_model: int) -> pd.DataFrame:
