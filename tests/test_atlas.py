@@ -101,11 +101,15 @@ def _parquet_files(folder: Path) -> dict[str, pd.DataFrame]:
 def test_a_build_replaying_stored_residuals_equals_one_running_the_model(model, windows, tmp_path, monkeypatch):
     from nbutils import residuals
 
-    made = []
-    create = residuals.ResidualStore.create
+    from nbutils.atlas import layers
+
+    made, stored_h = [], []
+    create, read_h = residuals.ResidualStore.create, layers._stored_h
     monkeypatch.setattr(residuals.ResidualStore, "create", lambda *a: made.append(create(*a)) or made[-1])
+    monkeypatch.setattr(layers, "_stored_h", lambda *a: stored_h.append(a[3]) or read_h(*a))
     replayed = atlas.build_atlas(model, windows, k=K, out=tmp_path / "r", cache_dir=tmp_path / "c1", progress=False)
     assert len(made) == 1 and made[0].usable  # the layers pass and the cross activations replayed
+    assert stored_h == list(range(model.cfg.n_layers))  # each layer's h read again from the store
     assert not made[0].folder.exists()  # the store's scratch folder is gone with the build
     monkeypatch.setattr(residuals, "DISK_BUDGET", 0)  # no store: every pass runs the model, and the build says why
     with pytest.warns(UserWarning, match=r"No residual store: it would take .* budget of 0\.0 GB"):
