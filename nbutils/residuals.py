@@ -9,6 +9,7 @@ model's dtype) in one file per layer; then
 - `replay` runs a layer's norm and MLP input projection on stored rows (the plain model's own modules, same
   shapes as in the forward, so the same numbers bit for bit: tested per family), which is all the layers pass
   needs: about 0.4 of a forward at GPT-2-small shape, where the attention and the down projections are skipped;
+  each layer step reads its examples' h again the same way (`atlas.layers`);
 - `read_tokens` gives the rows of some (window, position) pairs, from which one neuron's activation is a dot
   product (the cross activations).
 

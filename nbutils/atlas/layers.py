@@ -3,7 +3,8 @@
 `layers_tables` reads consecutive layers in one pass while their vectors fit a memory budget (`passes.read_layers`,
 fixed batches of all windows, so a layer's values do not depend on the group it was read in), then clusters each
 layer (`cluster_layer`: one neuron at a time, e = h ⊙ w or the settings' space, `clustering`) and turns the
-result into the layer's tables (`neurons`, `examples`, `contexts`, `vectors`, `bands`).
+result into the layer's tables (`neurons`, `examples`, `contexts`, `vectors`, `bands`). With a residual store the
+pass keeps no h: each layer reads its examples' h again from the store when it is clustered (`_stored_h`).
 """
 
 from __future__ import annotations
