@@ -123,7 +123,8 @@ def _stored_h(model: Any, windows: Tensor, g: _Gather, layer: int, settings: Atl
     batches and by its own taps, so the same numbers; no model runs."""
     h = np.empty((len(g.keys), units.d_in(model)), dtype=np.float32)
     kind = units.kinds(model, settings.fold_ln)[0]
-    read_layers(model, windows, [layer], (kind,), lambda l, read, lo, hi: _take_h(h, g.keys, units.h(read[kind]), lo, hi),
+    read_layers(model, windows, [layer], (kind,),
+                lambda l, read, lo, hi: _take_h(h, g.keys, units.h(read[kind]), lo, hi),
                 batch_size=settings.batch_size, residuals=residuals)
     return h
 
