@@ -394,7 +394,7 @@ def collect_top_units(
             where = _first_max_position(acts, top)
             _check_finite(top.T, start)
             ids = torch.arange(start, start + batch.shape[0])[:, None].expand_as(top)  # [batch, n_units]
-            candidates = (topk.order_key(top.T, ids.T), where.T.to(torch.int32))  # [n_units, batch] each
+            candidates = (topk.order_key(top.T, ids.T), where.T)  # [n_units, batch] each (int32 positions)
             key, pos = topk.merge_topk((key, pos), candidates, settings.k)
             bar.update(batch.numel())
     bar.close()

@@ -79,8 +79,9 @@ def _new_gather(model: Any, windows: Tensor, top: Any, layer: int, settings: Atl
     keys, inverse = np.unique(ex["window"].to_numpy(np.int64) * n_pos + ex["pos"].to_numpy(np.int64),
                               return_inverse=True)
     shape = (len(keys), units.d_in(model))
-    h = None if stored_h else _RowsFile(spill / f"h-{layer}.f32", *shape) if spill is not None else np.zeros(
-        shape, dtype=np.float32)
+    h: "np.ndarray | _RowsFile | None" = None
+    if not stored_h:
+        h = _RowsFile(spill / f"h-{layer}.f32", *shape) if spill is not None else np.zeros(shape, dtype=np.float32)
     g = _Gather(ex, keys, inverse.reshape(-1), h, np.full((len(ex), width), np.nan, dtype=np.float32))
     if settings.bands:
         from nbutils import bands as _bands
@@ -131,13 +132,12 @@ def _stored_h(model: Any, windows: Tensor, g: _Gather, layer: int, settings: Atl
 
 def _layers_pass(model: Any, windows: Tensor, top: Any, layers: list[int], settings: AtlasSettings,
                  progress: bool = False, spill: dict[int, Path] | None = None, units: Units = NEURONS,
-                 residuals: Any = None) -> dict[int, _Gather]:
+                 residuals: Any = None, stored_h: bool = False) -> dict[int, _Gather]:
     """One pass over all the windows in fixed batches of `batch_size` (`passes.read_layers`), reading h and the
     activations of the units (`Units`) of every layer in `layers` at that layer's examples; h of a layer in
-    `spill` goes to a file in the folder given there."""
+    `spill` goes to a file in the folder given there; with `stored_h` (`_h_in_store`) no h is kept."""
     spill = spill or {}
     h_kind, act_kind = units.kinds(model, settings.fold_ln)
-    stored_h = _h_in_store(model, windows, layers, settings, units, residuals)
     out = {layer: _new_gather(model, windows, top, layer, settings, units, spill.get(layer), stored_h)
            for layer in layers}
 
@@ -237,15 +237,16 @@ def layers_tables(model: Any, windows: Tensor, top: Any, layers: list[int], sett
     need = [_layer_bytes(top, layer, units.d_in(model), settings, int(windows.numel())) for layer in layers]
     used = sum(rest for _, rest in need)  # held for every layer during the pass
     spilled = []
-    stored_h = _h_in_store(model, windows, layers, settings, units, residuals)  # then h is not kept: nothing to spill
-    for layer, (h_bytes, _) in zip(layers, need):
-        if used + h_bytes > memory_budget and not stored_h:
+    stored_h = _h_in_store(model, windows, layers, settings, units, residuals)
+    for layer, (h_bytes, _) in zip(layers, need) if not stored_h else ():  # a stored h is not kept: nothing to spill
+        if used + h_bytes > memory_budget:
             spilled.append(layer)  # h to a file
-        elif not stored_h:
+        else:
             used += h_bytes
     with scratch_folder("atlas-h-", spill_dir) as folder:
         gathered = _layers_pass(model, windows, top, layers, settings, progress=progress,
-                                spill={layer: Path(folder) for layer in spilled}, units=units, residuals=residuals)
+                                spill={layer: Path(folder) for layer in spilled}, units=units, residuals=residuals,
+                                stored_h=stored_h)
         for layer in layers:
             yield _layer_step(model, windows, top, layer, gathered.pop(layer), settings, units, workers=workers,
                               residuals=residuals)
@@ -268,8 +269,10 @@ def _layer_step(model: Any, windows: Tensor, top: Any, layer: int, g: _Gather, s
     """Embed and cluster one layer's gathered examples, then write its tables."""
     W, b = units.weights(model, layer, settings.fold_ln)
     bounds = np.searchsorted(g.examples["neuron"].to_numpy(), np.arange(units.count(model) + 1))
-    h = g.h.load() if isinstance(g.h, _RowsFile) else g.h if g.h is not None else _stored_h(
-        model, windows, g, layer, settings, units, residuals)
+    if g.h is None:
+        h = _stored_h(model, windows, g, layer, settings, units, residuals)
+    else:
+        h = g.h.load() if isinstance(g.h, _RowsFile) else g.h
     lx = clustering.LayerExamples(layer=layer, examples=g.examples, keys=g.keys, h=h, inverse=g.inverse,
                                   bounds=bounds, W=W, b=b, n_pos=int(windows.shape[1]))
     done = cluster_layer(lx, settings, workers=workers)
